@@ -1,0 +1,41 @@
+"""Small pieces every stage uses: its output directory, seeding, summaries."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from stages.engine.checkpoint import atomic_write_text
+from stages.engine.distributed import is_main_process
+
+log = logging.getLogger("detpipe")
+
+
+def stage_dir(cfg: DictConfig, name: str | None = None) -> Path:
+    """<run_dir>/<stage>: the only place a stage writes."""
+    path = Path(cfg.paths.run_dir) / (name or cfg.stage.name)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Atomic JSON write (main process only)."""
+    if is_main_process():
+        atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def read_summary(directory: Path) -> dict | None:
+    path = Path(directory) / "summary.json"
+    return json.loads(path.read_text()) if path.exists() else None

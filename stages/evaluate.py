@@ -1,0 +1,96 @@
+"""eval: COCO box metrics of a checkpoint on the val split, predictions in COCO format, and a few pictures."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from stages.build import build_model
+from stages.common import seed_everything, stage_dir, write_json
+from stages.data.build import build_dataset, build_loader
+from stages.engine.checkpoint import atomic_write_text, load_into, resolve_checkpoint
+from stages.engine.coco_eval import evaluate_coco, format_table, to_coco_results
+from stages.engine.distributed import init_distributed, is_main_process
+from stages.engine.metrics import MetricsLogger
+from stages.engine.trainer import to_device
+from stages.engine.visualize import draw_detections, save_png
+
+log = logging.getLogger("detpipe")
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, loader, device: torch.device, label_to_cat_id: list[int], num_vis: int):
+    """COCO results for every image, plus the first `num_vis` (image, target, prediction) for pictures."""
+    results, shown = [], []
+    for images, targets in tqdm(loader, desc="eval", disable=not is_main_process(), dynamic_ncols=True):
+        outputs = model(to_device(images, device))
+        for image, target, output in zip(images, targets, outputs, strict=True):
+            h, w = target["size"].tolist()
+            orig_h, orig_w = target["orig_size"].tolist()
+            results += to_coco_results(target["image_id"], output, (orig_w / w, orig_h / h), label_to_cat_id)
+            if len(shown) < num_vis:
+                shown.append((image, target, {k: v.cpu() for k, v in output.items()}))
+    return results, shown
+
+
+def run(cfg: DictConfig) -> dict:
+    start = time.perf_counter()
+    device = init_distributed(cfg.trainer.device, cfg.trainer.dist_backend)
+    seed_everything(cfg.seed)
+    out = stage_dir(cfg)
+    checkpoint = resolve_checkpoint(cfg.stage.init_from or Path(cfg.paths.run_dir) / "finetune")
+
+    dataset = build_dataset(cfg.data, "val", train=False, seed=cfg.seed)
+    # Inference is the plain DETR: auxiliary heads of a Co-DETR checkpoint are reported as skipped.
+    model = build_model(cfg.model, dataset.num_classes, num_aux_heads=0)
+    report = load_into(model, checkpoint)
+    log.info("%s", report.table())
+    model.to(device).eval()
+    loader = build_loader(
+        dataset,
+        batch_size=cfg.stage.batch_size,
+        num_workers=cfg.trainer.num_workers,
+        shuffle=False,
+        seed=cfg.seed,
+        distributed=False,
+        drop_last=False,
+    )
+    results, shown = predict(model, loader, device, dataset.label_to_cat_id, cfg.stage.num_vis)
+    cat_ids = list(dataset.label_to_cat_id)
+    bbox = evaluate_coco(dataset.coco, results, dataset.image_ids, dataset.class_names, cat_ids)
+
+    atomic_write_text(out / "predictions.json", json.dumps(results))
+    write_json(out / "metrics.json", {"bbox": bbox})
+    pictures = []
+    for i, (image, target, pred) in enumerate(shown):
+        rgb = draw_detections(
+            image, target["boxes"], target["labels"], pred, dataset.class_names, cfg.stage.vis_score_threshold
+        )
+        save_png(out / "vis" / f"{i:02d}_{int(target['image_id'])}.png", rgb)
+        pictures.append(rgb)
+    print(format_table(bbox))
+
+    metrics_logger = MetricsLogger(out, "eval", cfg)
+    metrics_logger.log(0, {f"eval/{k}": v for k, v in bbox.items() if k != "per_class"}, console=False)
+    metrics_logger.summary({f"eval/{k}": v for k, v in bbox.items() if k != "per_class"})
+    if metrics_logger.wandb is not None:
+        import wandb
+
+        metrics_logger.log_images("eval/vis", [wandb.Image(p) for p in pictures])
+    metrics_logger.close()
+
+    summary = {
+        "stage": "eval",
+        "checkpoint": str(checkpoint),
+        "metrics": {k: v for k, v in bbox.items() if k != "per_class"},
+        "num_images": len(dataset),
+        "seconds": time.perf_counter() - start,
+    }
+    write_json(out / "summary.json", summary)
+    return summary

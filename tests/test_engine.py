@@ -1,0 +1,193 @@
+"""The training loop, checkpoints and COCO evaluation on tiny stand-in models (no detector needed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from pycocotools.coco import COCO
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from stages.engine.checkpoint import LAST_NAME, load_into, save_checkpoint
+from stages.engine.coco_eval import evaluate_coco
+from stages.engine.optim import lr_factor, param_groups
+from stages.engine.trainer import Hook, Trainer, total_loss
+from stages.errors import UserError
+from tests.conftest import compose_config
+
+
+class Regressor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Linear(4, 8)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.backbone(x)))
+
+
+def regression_forward(model, batch, device):
+    x, y = batch
+    return {"toy/loss_mse": ((model(x).squeeze(1) - y) ** 2).mean()}
+
+
+def make_trainer(tmp_path, max_iters=8, hooks=None, log_every=1):
+    cfg = compose_config(
+        [
+            "experiment=smoke",
+            f"trainer.max_iters={max_iters}",
+            "trainer.checkpoint_every=4",
+            f"trainer.log_every={log_every}",
+            "trainer.optimizer.lr=0.02",
+            "trainer.clip_grad_norm=0",
+        ],
+        run_dir=tmp_path,
+    )
+    torch.manual_seed(0)
+    x = torch.randn(32, 4)
+    y = x.sum(1)
+    loader = DataLoader(
+        TensorDataset(x, y), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
+    return Trainer(
+        cfg,
+        Regressor(),
+        loader,
+        tmp_path / "toy",
+        "toy",
+        torch.device("cpu"),
+        forward_fn=regression_forward,
+        hooks=hooks,
+    )
+
+
+class StopAt(Hook):
+    def __init__(self, it):
+        self.it = it
+
+    def after_step(self, trainer):
+        if trainer.iter == self.it:
+            raise KeyboardInterrupt("killed")
+
+
+def test_resumed_run_continues_from_its_checkpoint_instead_of_starting_over(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(tmp_path, hooks=[StopAt(6)]).train()
+    assert torch.load(tmp_path / "toy" / LAST_NAME, weights_only=False)["iter"] == 4
+    second = make_trainer(tmp_path)
+    steps = []
+    second.hooks.append(type("Rec", (Hook,), {"after_step": lambda self, t: steps.append(t.iter)})())
+    second.train()
+    assert steps == [5, 6, 7, 8]
+    logged = [
+        json.loads(line)["iter"] for line in (tmp_path / "toy" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert logged == list(range(1, 9))  # steps 5-6 of the killed run were dropped, not duplicated
+
+
+def test_training_loop_lowers_the_loss_and_logs_every_term(tmp_path):
+    trainer = make_trainer(tmp_path, max_iters=200, log_every=20)
+    trainer.train()
+    lines = [json.loads(line) for line in (tmp_path / "toy" / "metrics.jsonl").read_text().splitlines()]
+    assert {"iter", "toy/loss_mse", "loss", "lr", "sec_per_iter"} <= set(lines[-1])
+    assert lines[-1]["loss"] < 0.5 * lines[0]["loss"]
+    ckpt = torch.load(tmp_path / "toy" / "checkpoint.pth", weights_only=False)
+    assert set(ckpt) >= {"model", "optimizer", "scheduler", "iter", "stage", "config"}
+    assert ckpt["iter"] == 200 and ckpt["config"]["trainer"]["max_iters"] == 200
+
+
+def test_non_finite_loss_names_the_term():
+    with pytest.raises(FloatingPointError, match="detr/loss_giou"):
+        total_loss({"detr/loss_cls": torch.tensor(1.0), "detr/loss_giou": torch.tensor(float("nan"))})
+
+
+def test_statistics_are_logged_but_not_optimised():
+    assert float(total_loss({"a/loss_x": torch.tensor(2.0), "a/accuracy": torch.tensor(5.0)})) == 2.0
+
+
+def test_backbone_lr_multiplier_puts_backbone_in_its_own_group():
+    groups = param_groups(Regressor(), lr=1.0, weight_decay=0.0, lr_mults={"backbone": 0.1})
+    lrs = sorted(g["lr"] for g in groups)
+    assert lrs == [pytest.approx(0.1), 1.0]
+
+
+def test_warmup_then_step_schedule():
+    sched = OmegaConf.create(
+        {
+            "name": "step",
+            "warmup_iters": 10,
+            "warmup_factor": 0.0,
+            "milestones": [0.5],
+            "gamma": 0.1,
+            "min_lr_factor": 0.0,
+        }
+    )
+    assert lr_factor(0, 100, sched) == 0.0
+    assert lr_factor(5, 100, sched) == pytest.approx(0.5)
+    assert lr_factor(20, 100, sched) == 1.0
+    assert lr_factor(60, 100, sched) == pytest.approx(0.1)
+
+
+def test_checkpoint_write_is_atomic_when_interrupted(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pth"
+    save_checkpoint(path, {"model": {"w": torch.ones(2)}})
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"model": {"w": torch.zeros(2)}})
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=False)["model"]["w"], torch.ones(2))
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_load_report_counts_loaded_shape_and_name_mismatches(tmp_path):
+    source = Regressor()
+    state = source.state_dict()
+    state["head.weight"] = torch.zeros(3, 8)  # wrong shape
+    state["extra.weight"] = torch.zeros(1)  # unknown name
+    save_checkpoint(tmp_path / "checkpoint.pth", {"model": state, "stage": "toy"})
+    report = load_into(Regressor(), tmp_path)  # a directory resolves to its checkpoint.pth
+    assert report.loaded == {"backbone": 2, "head": 1}
+    assert report.skipped_shape == {"head": 1} and report.skipped_name == {"extra": 1}
+    assert report.fresh == {"head": 1}
+
+
+def test_checkpoint_that_fits_nothing_is_refused(tmp_path):
+    save_checkpoint(tmp_path / "other.pth", {"model": {"foo.weight": torch.zeros(1)}, "stage": "x"})
+    with pytest.raises(UserError, match="other.pth: none of its 1 tensors fit"):
+        load_into(Regressor(), tmp_path / "other.pth")
+
+
+def test_missing_checkpoint_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="checkpoint not found"):
+        load_into(Regressor(), tmp_path / "nope.pth")
+
+
+def test_ground_truth_as_predictions_gives_ap_100():
+    gt = COCO()
+    gt.dataset = {
+        "images": [{"id": 1, "width": 100, "height": 80}, {"id": 2, "width": 120, "height": 90}],
+        "categories": [{"id": 3, "name": "a"}, {"id": 7, "name": "b"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 3, "bbox": [10, 10, 30, 20], "area": 600, "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 7, "bbox": [50, 40, 40, 35], "area": 1400, "iscrowd": 0},
+            {"id": 3, "image_id": 2, "category_id": 7, "bbox": [5, 5, 100, 80], "area": 8000, "iscrowd": 0},
+        ],
+    }
+    gt.createIndex()
+    results = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+        for a in gt.dataset["annotations"]
+    ]
+    metrics = evaluate_coco(gt, results, [1, 2], ["a", "b"], [3, 7])
+    assert metrics["AP"] == pytest.approx(100.0) and metrics["AP50"] == pytest.approx(100.0)
+    assert metrics["per_class"] == {"a": pytest.approx(100.0), "b": pytest.approx(100.0)}
+    shifted = [{**r, "bbox": [r["bbox"][0] + 8, *r["bbox"][1:]]} for r in results]
+    assert evaluate_coco(gt, shifted, [1, 2], ["a", "b"], [3, 7])["AP"] < 100.0
