@@ -27,9 +27,7 @@ def validate_model_config(model_cfg: DictConfig) -> None:
     known = set(model_cfg.get("known_aux_heads", []) or [])
     for head in model_cfg.get("aux_heads", []) or []:
         if known and head.get("name") not in known:
-            raise UserError(
-                f"model.aux_heads: unknown head {head.get('name')!r}; expected one of {sorted(known)}"
-            )
+            raise UserError(f"model.aux_heads: unknown head {head.get('name')!r}; expected one of {sorted(known)}")
     for key in ("lambda1", "lambda2"):
         value = model_cfg.detector.get(key)
         if value is not None and value < 0:

@@ -67,9 +67,7 @@ def run(cfg: DictConfig) -> dict:
                 "status": status,
                 "checkpoint": checkpoint,
                 "sha256": sha256_of(Path(checkpoint)) if checkpoint else None,
-                "seconds": round(
-                    time.perf_counter() - start if status == "done" else summary.get("seconds", 0.0), 2
-                ),
+                "seconds": round(time.perf_counter() - start if status == "done" else summary.get("seconds", 0.0), 2),
                 "metrics": summary.get("metrics", {}),
             }
         )

@@ -49,9 +49,7 @@ def make_trainer(tmp_path, max_iters=8, hooks=None, log_every=1):
     torch.manual_seed(0)
     x = torch.randn(32, 4)
     y = x.sum(1)
-    loader = DataLoader(
-        TensorDataset(x, y), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0)
-    )
+    loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
     return Trainer(
         cfg,
         Regressor(),
@@ -82,9 +80,7 @@ def test_resumed_run_continues_from_its_checkpoint_instead_of_starting_over(tmp_
     second.hooks.append(type("Rec", (Hook,), {"after_step": lambda self, t: steps.append(t.iter)})())
     second.train()
     assert steps == [5, 6, 7, 8]
-    logged = [
-        json.loads(line)["iter"] for line in (tmp_path / "toy" / "metrics.jsonl").read_text().splitlines()
-    ]
+    logged = [json.loads(line)["iter"] for line in (tmp_path / "toy" / "metrics.jsonl").read_text().splitlines()]
     assert logged == list(range(1, 9))  # steps 5-6 of the killed run were dropped, not duplicated
 
 

@@ -65,9 +65,7 @@ def resolve_checkpoint(path_or_dir: str | Path) -> Path:
         for stage in STAGE_ORDER:
             if (path / stage / CHECKPOINT_NAME).is_file():
                 return path / stage / CHECKPOINT_NAME
-        raise UserError(
-            f"{path}: no {CHECKPOINT_NAME} in this directory or its stage directories {STAGE_ORDER}"
-        )
+        raise UserError(f"{path}: no {CHECKPOINT_NAME} in this directory or its stage directories {STAGE_ORDER}")
     raise UserError(f"{path}: checkpoint not found; expected a checkpoint file or a stage output directory")
 
 
@@ -114,11 +112,7 @@ class LoadReport:
 
     def table(self) -> str:
         modules = sorted(
-            set(self.loaded)
-            | set(self.skipped_shape)
-            | set(self.skipped_name)
-            | set(self.fresh)
-            | set(self.dropped)
+            set(self.loaded) | set(self.skipped_shape) | set(self.skipped_name) | set(self.fresh) | set(self.dropped)
         )
         lines = [
             f"init from {self.source}",
@@ -161,9 +155,7 @@ def load_state_into(
     return report
 
 
-def load_into(
-    model: nn.Module, path_or_dir: str | Path, drop: Iterable[str] = (), min_loaded: int = 1
-) -> LoadReport:
+def load_into(model: nn.Module, path_or_dir: str | Path, drop: Iterable[str] = (), min_loaded: int = 1) -> LoadReport:
     """Load `init_from` weights into `model`; a checkpoint that fits nothing gives a UserError."""
     path = resolve_checkpoint(path_or_dir)
     payload = read_checkpoint(path)

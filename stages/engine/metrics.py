@@ -65,11 +65,7 @@ class MetricsLogger:
         group = cfg.logger.get("group")
         if not group:
             # Sweep jobs live in <sweep_dir>/<job number>: they share the sweep's group. A single run is its own.
-            group = (
-                f"{run_dir.parent.parent.name}/{run_dir.parent.name}"
-                if run_dir.name.isdigit()
-                else run_dir.name
-            )
+            group = f"{run_dir.parent.parent.name}/{run_dir.parent.name}" if run_dir.name.isdigit() else run_dir.name
         return wandb.init(
             project=cfg.logger.project,
             entity=cfg.logger.get("entity"),
@@ -90,9 +86,7 @@ class MetricsLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if console:
-            shown = " ".join(
-                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()
-            )
+            shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
             log.info("[%s] iter %d %s", self.stage, step, shown)
         if self.wandb is not None:
             self.wandb.log(values, step=step)

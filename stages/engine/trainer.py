@@ -177,9 +177,7 @@ class Trainer:
         """Run to max_iters; returns the last logged losses. Writes last.pth periodically, checkpoint.pth at the end."""
         self.model.train()
         resumed = self.resume()
-        self.logger = MetricsLogger(
-            self.stage_dir, self.stage, self.cfg, resume_iter=self.iter if resumed else None
-        )
+        self.logger = MetricsLogger(self.stage_dir, self.stage, self.cfg, resume_iter=self.iter if resumed else None)
         hooks = [LogHook(self.tcfg.log_every), CheckpointHook(self.tcfg.checkpoint_every), *self.hooks]
         data = self.batches()
         bar = tqdm(

@@ -19,7 +19,7 @@ def draw_detections(
 ) -> np.ndarray:
     """An HxWx3 uint8 RGB picture of `image` (CHW in [0, 1]) with its true and predicted boxes."""
     canvas = np.ascontiguousarray((image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8))
-    for box, label in zip(true_boxes.tolist(), true_labels.tolist(), strict=True):
+    for box in true_boxes.tolist():
         x0, y0, x1, y1 = (int(round(v)) for v in box)
         cv2.rectangle(canvas, (x0, y0), (x1, y1), (0, 200, 0), 1)
     keep = pred["scores"] >= score_threshold
