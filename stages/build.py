@@ -42,7 +42,7 @@ def build_model(model_cfg: DictConfig, num_classes: int, num_aux_heads: int | No
     heads = selected_aux_heads(model_cfg, num_aux_heads)
     aux_heads = [
         instantiate(
-            {k: v for k, v in head.items() if k != "name"},
+            head,
             num_classes=num_classes,
             in_channels=model_cfg.d_model,
             strides=list(model_cfg.aux_strides),
