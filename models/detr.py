@@ -1,0 +1,288 @@
+"""Deformable-DETR meta-architecture (torchvision-style forward), built so Co-DETR can reuse its pieces.
+
+forward reads top to bottom: preprocess -> encode (backbone, neck, positions, encoder) -> initial queries
+-> decode -> losses (training) or postprocess (eval).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import MLP, clip_boxes_to_image
+
+from models.backbone import ResNetBackbone
+from models.box_coding import denormalize_boxes, inverse_sigmoid, normalize_boxes
+from models.deformable_transformer import Decoded, DeformableTransformer, Encoded
+from models.detr_loss import SetCriterion
+from models.image_list import batch_images
+from models.position_encoding import SinePositionEncoding
+from stages.errors import UserError
+
+# Focal-loss prior (RetinaNet): class logits start at sigmoid^-1(0.01), so the many negatives do not swamp the
+# first steps.
+CLASS_PRIOR_PROB = 0.01
+# With point references the box size comes from the head alone: start at sigmoid(-2) = 0.12 of the image.
+POINT_REFERENCE_LOG_SIZE = -2.0
+
+
+@dataclass
+class Queries:
+    """Decoder inputs for the one-to-one queries: content and pos [B, Q, C], reference [B, Q, 4] boxes or
+    [B, Q, 2] points (normalised, in (0, 1)); two-stage only: enc_logits [B, S, 1] (object or not),
+    enc_boxes [B, S, 4] and enc_valid Bool[B, S] for every encoder location, for the encoder loss."""
+
+    content: Tensor
+    pos: Tensor
+    reference: Tensor
+    enc_logits: Tensor | None = None
+    enc_boxes: Tensor | None = None
+    enc_valid: Tensor | None = None
+
+
+def _last_linear(head: nn.Module) -> nn.Linear:
+    return [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
+
+
+def _box_head(d_model: int) -> MLP:
+    """3-layer MLP to 4 box deltas, the last layer zeroed: a fresh head predicts its reference box."""
+    head = MLP(d_model, [d_model, d_model, 4], activation_layer=nn.ReLU)
+    last = _last_linear(head)
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    return head
+
+
+def _class_head(d_model: int, num_classes: int) -> nn.Linear:
+    head = nn.Linear(d_model, num_classes)
+    nn.init.constant_(head.bias, -math.log((1 - CLASS_PRIOR_PROB) / CLASS_PRIOR_PROB))
+    return head
+
+
+def _per_layer(head: nn.Module, num_layers: int, separate: bool) -> nn.ModuleList:
+    """One head per decoder layer: copies (box refinement) or the same module shared by all layers."""
+    return nn.ModuleList(copy.deepcopy(head) if separate else head for _ in range(num_layers))
+
+
+class DeformableDETR(nn.Module):
+    """Deformable-DETR with the Deformable-DETR++ options (each off by default).
+
+    Args:
+        backbone: a ResNetBackbone (exposes out_channels and strides).
+        neck: the channel mapper, or a callable `neck(in_channels=backbone.out_channels)` building it.
+        transformer: DeformableTransformer.
+        criterion: SetCriterion (the matcher lives inside it).
+        position_encoding: SinePositionEncoding (maps, and boxes for two-stage queries).
+        num_classes: K; class heads give K sigmoid logits (no background class).
+        num_queries: Q one-to-one queries.
+        with_box_refine: iterative box refinement, separate class/box heads per decoder layer (shared
+            heads and fixed references otherwise).
+        two_stage: the encoder proposes boxes (a 1-logit object head and a box head on every encoder location,
+            trained with the binary-label encoder loss `*_enc`); the top-Q proposals become the decoder's
+            reference boxes, and their sine embeddings give the queries' position (and content).
+        mixed_query_selection: (DINO; needs two_stage) learned content queries; only the positions come from
+            the top-Q proposals.
+        look_forward_twice: (DINO; needs with_box_refine) see DeformableTransformer.decode.
+        max_detections: detections kept per image at inference (top-k over queries x classes; no NMS).
+        pixel_mean, pixel_std: RGB normalisation of the [0, 1] input images.
+        size_divisibility: the padded batch's height and width are multiples of it.
+
+    forward(images: list of [3, H, W] in [0, 1], targets: list of {"boxes" xyxy pixels, "labels"} or None).
+    Training: a dict of weighted losses, keys "detr/loss_{cls,bbox,giou}" (last layer), "..._d{l}" (earlier
+    layers), "..._enc" (two-stage). Eval: per image {"boxes" [D, 4] xyxy pixels of that image, "scores" [D],
+    "labels" [D]} with D = min(max_detections, Q x K).
+    """
+
+    def __init__(
+        self,
+        backbone: ResNetBackbone,
+        neck: nn.Module | Callable[..., nn.Module],
+        transformer: DeformableTransformer,
+        criterion: SetCriterion,
+        position_encoding: SinePositionEncoding,
+        num_classes: int,
+        num_queries: int,
+        with_box_refine: bool,
+        two_stage: bool,
+        mixed_query_selection: bool,
+        look_forward_twice: bool,
+        max_detections: int,
+        pixel_mean: list[float],
+        pixel_std: list[float],
+        size_divisibility: int,
+    ) -> None:
+        super().__init__()
+        if mixed_query_selection and not two_stage:
+            raise UserError("model.detector.mixed_query_selection: true needs model.detector.two_stage: true")
+        if look_forward_twice and not with_box_refine:
+            raise UserError("model.detector.look_forward_twice: true needs model.detector.with_box_refine: true")
+        self.backbone = backbone
+        self.neck = neck if isinstance(neck, nn.Module) else neck(in_channels=backbone.out_channels)
+        self.transformer = transformer
+        self.criterion = criterion
+        self.position_encoding = position_encoding
+        self.num_classes = num_classes
+        self.num_queries = num_queries
+        self.with_box_refine = with_box_refine
+        self.two_stage = two_stage
+        self.mixed_query_selection = mixed_query_selection
+        self.look_forward_twice = look_forward_twice
+        self.max_detections = max_detections
+        self.size_divisibility = size_divisibility
+        self.register_buffer(
+            "pixel_mean", torch.tensor(list(pixel_mean), dtype=torch.float32).view(-1, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "pixel_std", torch.tensor(list(pixel_std), dtype=torch.float32).view(-1, 1, 1), persistent=False
+        )
+
+        num_levels = transformer.num_feature_levels
+        extra = num_levels - len(backbone.strides)
+        self.strides = list(backbone.strides) + [backbone.strides[-1] * 2 ** (i + 1) for i in range(extra)]
+        d = transformer.d_model
+        num_layers = transformer.num_decoder_layers
+        box_head = _box_head(d)
+        if not two_stage:
+            # Learned references are points: the first layer's size comes from the head's bias.
+            nn.init.constant_(_last_linear(box_head).bias[2:], POINT_REFERENCE_LOG_SIZE)
+        self.class_embed = _per_layer(_class_head(d, num_classes), num_layers, with_box_refine)
+        self.bbox_embed = _per_layer(box_head, num_layers, with_box_refine)
+        if with_box_refine and not two_stage:
+            # Only layer 0 refines a point; later layers refine boxes and start at a zero delta.
+            for head in self.bbox_embed[1:]:
+                nn.init.zeros_(_last_linear(head).bias)
+
+        if two_stage:
+            self.enc_output = nn.Linear(d, d)
+            self.enc_output_norm = nn.LayerNorm(d)
+            self.enc_class_embed = _class_head(d, 1)
+            self.enc_bbox_embed = _box_head(d)
+            self.pos_trans = nn.Linear(2 * d, 2 * d)
+            self.pos_trans_norm = nn.LayerNorm(2 * d)
+            if mixed_query_selection:
+                self.query_embed = nn.Embedding(num_queries, d)
+        else:
+            self.query_embed = nn.Embedding(num_queries, 2 * d)
+            self.reference_points = nn.Linear(d, 2)
+            nn.init.xavier_uniform_(self.reference_points.weight)
+            nn.init.zeros_(self.reference_points.bias)
+
+    # ---- pieces (Co-DETR reuses them) ----
+
+    def preprocess(self, images: list[Tensor]) -> tuple[Tensor, Tensor, list[tuple[int, int]]]:
+        """Normalise [0, 1] images and pad them into a batch: (tensor [B, 3, H, W], mask Bool[B, H, W] True on
+        padding, [(h, w)] of each image)."""
+        normalised = [(img.to(self.pixel_mean.device) - self.pixel_mean) / self.pixel_std for img in images]
+        return batch_images(normalised, self.size_divisibility)
+
+    def extract_features(self, tensor: Tensor, mask: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Backbone + neck: per level (maps [B, C, h, w], masks Bool[B, h, w], sine positions [B, C, h, w])."""
+        feats = self.neck(self.backbone(tensor))
+        masks = [F.interpolate(mask[None].float(), size=f.shape[-2:]).to(torch.bool)[0] for f in feats]
+        pos = [self.position_encoding(m) for m in masks]
+        return feats, masks, pos
+
+    def encode(self, tensor: Tensor, mask: Tensor) -> Encoded:
+        """Features of a preprocessed batch through the transformer encoder."""
+        return self.transformer.encode(*self.extract_features(tensor, mask))
+
+    def initial_queries(self, encoded: Encoded) -> Queries:
+        """The one-to-one queries: learned, or (two-stage) from the top-Q encoder proposals."""
+        batch = encoded.memory.shape[0]
+        d = self.transformer.d_model
+        if not self.two_stage:
+            query_pos, content = self.query_embed.weight.split(d, dim=1)
+            query_pos = query_pos[None].expand(batch, -1, -1)
+            content = content[None].expand(batch, -1, -1)
+            return Queries(content=content, pos=query_pos, reference=self.reference_points(query_pos).sigmoid())
+
+        proposals, valid = self.transformer.encoder_proposals(encoded)
+        if self.num_queries > proposals.shape[1]:
+            raise ValueError(
+                f"DeformableDETR: {self.num_queries} queries but only {proposals.shape[1]} encoder locations; "
+                "use larger images or fewer queries"
+            )
+        memory = encoded.memory.masked_fill(~valid[..., None], 0.0)
+        memory = self.enc_output_norm(self.enc_output(memory))
+        enc_logits = self.enc_class_embed(memory)
+        enc_boxes = (self.enc_bbox_embed(memory) + inverse_sigmoid(proposals)).sigmoid()
+        scores = enc_logits[..., 0].masked_fill(~valid, float("-inf"))
+        topk = scores.topk(self.num_queries, dim=1).indices
+        reference = torch.gather(enc_boxes, 1, topk[..., None].expand(-1, -1, 4)).detach()
+        embedded = self.pos_trans_norm(self.pos_trans(self.position_encoding.encode_boxes(reference)))
+        query_pos, content = embedded.split(d, dim=-1)
+        if self.mixed_query_selection:
+            content = self.query_embed.weight[None].expand(batch, -1, -1)
+        return Queries(content, query_pos, reference, enc_logits, enc_boxes, valid)
+
+    def decode_queries(
+        self, encoded: Encoded, query: Tensor, query_pos: Tensor, reference: Tensor, attn_mask: Tensor | None = None
+    ) -> Decoded:
+        """One decoder pass with this model's heads and refinement settings (see DeformableTransformer.decode)."""
+        return self.transformer.decode(
+            encoded,
+            query,
+            query_pos,
+            reference,
+            self.bbox_embed,
+            self.class_embed,
+            attn_mask=attn_mask,
+            refine=self.with_box_refine,
+            look_forward_twice=self.look_forward_twice,
+        )
+
+    def normalise_targets(
+        self, targets: list[dict[str, Tensor]], image_sizes: list[tuple[int, int]]
+    ) -> list[dict[str, Tensor]]:
+        """Pixel xyxy targets -> {"labels", "boxes" normalised cxcywh} on the model's device."""
+        device = self.pixel_mean.device
+        return [
+            {
+                "labels": t["labels"].to(device=device, dtype=torch.int64),
+                "boxes": normalize_boxes(t["boxes"].to(device=device, dtype=torch.float32).reshape(-1, 4), size),
+            }
+            for t, size in zip(targets, image_sizes)
+        ]
+
+    def detr_losses(self, decoded: Decoded, queries: Queries, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """The one-to-one set losses (normalised targets), keys prefixed "detr/"."""
+        losses = self.criterion(
+            decoded.logits, decoded.boxes, targets, queries.enc_logits, queries.enc_boxes, queries.enc_valid
+        )
+        return {f"detr/{name}": value for name, value in losses.items()}
+
+    @torch.no_grad()
+    def postprocess(self, logits: Tensor, boxes: Tensor, image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        """Top `max_detections` (query, class) pairs by sigmoid score per image, boxes in that image's pixels.
+
+        logits [B, Q, K], boxes [B, Q, 4] normalised cxcywh (last decoder layer)."""
+        num_classes = logits.shape[-1]
+        prob = logits.float().sigmoid().flatten(1)
+        k = min(self.max_detections, prob.shape[1])
+        scores, index = prob.topk(k, dim=1)
+        query = torch.div(index, num_classes, rounding_mode="floor")
+        labels = index % num_classes
+        chosen = torch.gather(boxes.float(), 1, query[..., None].expand(-1, -1, 4))
+        results = []
+        for i, size in enumerate(image_sizes):
+            xyxy = clip_boxes_to_image(denormalize_boxes(chosen[i], size), size)
+            results.append({"boxes": xyxy, "scores": scores[i], "labels": labels[i]})
+        return results
+
+    def forward(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        if self.training and targets is None:
+            raise ValueError("DeformableDETR: training mode needs targets")
+        tensor, mask, sizes = self.preprocess(images)
+        encoded = self.encode(tensor, mask)
+        queries = self.initial_queries(encoded)
+        decoded = self.decode_queries(encoded, queries.content, queries.pos, queries.reference)
+        if self.training:
+            return self.detr_losses(decoded, queries, self.normalise_targets(targets, sizes))
+        return self.postprocess(decoded.logits[-1], decoded.boxes[-1], sizes)

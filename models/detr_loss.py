@@ -1,0 +1,142 @@
+"""DETR set losses: sigmoid focal classification, L1 and GIoU on matched boxes, per decoder layer."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
+
+from models.matcher import HungarianMatcher
+
+
+def num_target_boxes(targets: list[dict[str, Tensor]], device: torch.device) -> float:
+    """Target boxes per rank, averaged over ranks when torch.distributed is initialised, at least 1."""
+    count = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(count)
+        count = count / dist.get_world_size()
+    return max(float(count.item()), 1.0)
+
+
+class SetCriterion(nn.Module):
+    """Weighted DETR losses for every decoder layer (and optionally the two-stage encoder proposals).
+
+    Args:
+        matcher: assigns predictions to targets (HungarianMatcher).
+        loss_cls, loss_bbox, loss_giou: weights of the focal, L1 and GIoU losses.
+        focal_alpha, focal_gamma: sigmoid focal loss parameters.
+
+    Predictions and targets use normalised cxcywh boxes; targets are dicts with "labels" int64 [N] and
+    "boxes" [N, 4]. Each loss is summed over its elements and divided by the number of target boxes
+    (`num_target_boxes`, averaged over ranks). Losses are computed in float32. Returned losses are
+    already weighted: their sum is the objective. Any non-finite loss raises FloatingPointError naming it.
+    """
+
+    def __init__(
+        self,
+        matcher: HungarianMatcher,
+        loss_cls: float,
+        loss_bbox: float,
+        loss_giou: float,
+        focal_alpha: float,
+        focal_gamma: float,
+    ) -> None:
+        super().__init__()
+        self.matcher = matcher
+        self.weights = {"loss_cls": loss_cls, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+
+    def loss_for_assignment(
+        self,
+        logits: Tensor,
+        boxes: Tensor,
+        targets: list[dict[str, Tensor]],
+        indices: list[tuple[Tensor, Tensor]],
+        num_boxes: float,
+        valid: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """Losses of one prediction set under GIVEN assignments (no matching).
+
+        logits [B, Q, K], boxes [B, Q, 4]; indices[i] = (pred_idx, tgt_idx) pairs prediction pred_idx[j] of
+        image i with target tgt_idx[j]; every other prediction has all-zero class targets (background).
+        valid Bool[B, Q] (optional): predictions outside it take no loss. Returns the weighted
+        {"loss_cls", "loss_bbox", "loss_giou"}.
+        """
+        logits = logits.float()
+        boxes = boxes.float()
+        batch_idx = torch.cat([torch.full_like(pred, i) for i, (pred, _) in enumerate(indices)]).to(logits.device)
+        pred_idx = torch.cat([pred for pred, _ in indices]).to(logits.device)
+        tgt_labels = torch.cat([t["labels"][tgt.to(t["labels"].device)] for t, (_, tgt) in zip(targets, indices)])
+        tgt_boxes = torch.cat([t["boxes"][tgt.to(t["boxes"].device)] for t, (_, tgt) in zip(targets, indices)])
+
+        onehot = torch.zeros_like(logits)
+        onehot[batch_idx, pred_idx, tgt_labels.to(logits.device)] = 1.0
+        focal = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="none")
+        if valid is not None:
+            focal = focal * valid[..., None].to(focal.dtype)
+        matched = boxes[batch_idx, pred_idx]
+        tgt_boxes = tgt_boxes.to(matched)
+        giou = generalized_box_iou_loss(
+            box_convert(matched, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy"), reduction="sum"
+        )
+        return {
+            "loss_cls": self.weights["loss_cls"] * focal.sum() / num_boxes,
+            "loss_bbox": self.weights["loss_bbox"] * F.l1_loss(matched, tgt_boxes, reduction="sum") / num_boxes,
+            "loss_giou": self.weights["loss_giou"] * giou / num_boxes,
+        }
+
+    def match_and_loss(
+        self,
+        logits: Tensor,
+        boxes: Tensor,
+        targets: list[dict[str, Tensor]],
+        num_boxes: float,
+        valid: Tensor | None = None,
+    ) -> tuple[dict[str, Tensor], list[tuple[Tensor, Tensor]]]:
+        """Hungarian-match one prediction set, then `loss_for_assignment`. Returns (losses, indices)."""
+        indices = self.matcher(logits, boxes, targets, valid)
+        return self.loss_for_assignment(logits, boxes, targets, indices, num_boxes, valid), indices
+
+    def forward(
+        self,
+        logits: Tensor,
+        boxes: Tensor,
+        targets: list[dict[str, Tensor]],
+        enc_logits: Tensor | None = None,
+        enc_boxes: Tensor | None = None,
+        enc_valid: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """Losses of all decoder layers: logits [L, B, Q, K], boxes [L, B, Q, 4].
+
+        Keys: "loss_cls", "loss_bbox", "loss_giou" for the last layer, the same with "_d0".."_d{L-2}" for the
+        earlier layers, and with "_enc" for the encoder proposals (enc_logits [B, S, 1], enc_boxes [B, S, 4],
+        enc_valid Bool[B, S]), which are matched to the targets with every label set to 0 (object or not).
+        """
+        num_boxes = num_target_boxes(targets, logits.device)
+        num_layers = logits.shape[0]
+        losses: dict[str, Tensor] = {}
+        for layer in range(num_layers):
+            suffix = "" if layer == num_layers - 1 else f"_d{layer}"
+            layer_losses, _ = self.match_and_loss(logits[layer], boxes[layer], targets, num_boxes)
+            losses.update({f"{name}{suffix}": value for name, value in layer_losses.items()})
+        if enc_logits is not None:
+            if enc_boxes is None:
+                raise ValueError("SetCriterion: enc_logits given without enc_boxes")
+            binary = [{"labels": torch.zeros_like(t["labels"]), "boxes": t["boxes"]} for t in targets]
+            enc_losses, _ = self.match_and_loss(enc_logits, enc_boxes, binary, num_boxes, enc_valid)
+            losses.update({f"{name}_enc": value for name, value in enc_losses.items()})
+        check_finite(losses, "SetCriterion")
+        return losses
+
+
+def check_finite(losses: dict[str, Tensor], owner: str) -> None:
+    """Raise FloatingPointError naming every non-finite loss (one device sync for the whole dict)."""
+    if not losses:
+        return
+    if bool(torch.isfinite(torch.stack([v.detach().float() for v in losses.values()])).all()):
+        return
+    bad = {name: float(v) for name, v in losses.items() if not torch.isfinite(v.detach()).all()}
+    raise FloatingPointError(f"{owner}: non-finite loss {bad}; check the learning rate, inputs and target boxes")

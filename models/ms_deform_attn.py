@@ -1,0 +1,118 @@
+"""Multi-scale deformable attention (Deformable-DETR) written with `F.grid_sample`, so it runs on any device.
+
+Each query attends to `num_points` sampled locations per level and head, placed around its reference point
+by learned offsets and mixed by learned weights (softmax over levels x points).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def ms_deform_attn_sample(
+    value: Tensor, spatial_shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor
+) -> Tensor:
+    """Bilinear sampling of every level, weighted sum over levels x points.
+
+    value [B, S, H, Dh] (the levels flattened one after another), locations [B, Q, H, L, P, 2] as (x, y) in
+    [0, 1] of each level's padded map, weights [B, Q, H, L, P] -> [B, Q, H * Dh]. Locations outside the map
+    read zeros. Computed in float32 (also under autocast); returned in value's dtype.
+    """
+    batch, _, heads, head_dim = value.shape
+    _, queries, _, levels, points, _ = locations.shape
+    out_dtype = value.dtype
+    value = value.float()
+    grids = 2 * locations.float() - 1  # grid_sample wants [-1, 1]
+    per_level = value.split([h * w for h, w in spatial_shapes], dim=1)
+    sampled = []
+    for level, (h, w) in enumerate(spatial_shapes):
+        # [B, h*w, H, Dh] -> [B*H, Dh, h, w]
+        v = per_level[level].flatten(2).transpose(1, 2).reshape(batch * heads, head_dim, h, w)
+        # [B, Q, H, P, 2] -> [B*H, Q, P, 2]
+        g = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
+        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
+    # [B*H, Dh, Q, L, P] x [B*H, 1, Q, L, P] summed over (L, P)
+    stacked = torch.stack(sampled, dim=-2)
+    w = weights.float().transpose(1, 2).reshape(batch * heads, 1, queries, levels, points)
+    out = (stacked * w).sum((-1, -2))
+    return out.view(batch, heads * head_dim, queries).transpose(1, 2).to(out_dtype)
+
+
+class MSDeformAttn(nn.Module):
+    """Deformable attention over `num_levels` maps.
+
+    forward(query [B, Q, C], reference_points [B, Q, L, 2 or 4], value [B, S, C],
+    spatial_shapes [(h, w)] per level, padding_mask Bool[B, S] True on padding or None) -> [B, Q, C].
+
+    reference_points are normalised to each level's padded map: (x, y) points, or (cx, cy, w, h) boxes, in
+    which case the offsets are in units of half the box size divided by `num_points` (Deformable-DETR's
+    two-stage / box-refinement form).
+    """
+
+    def __init__(self, d_model: int, num_levels: int, num_heads: int, num_points: int) -> None:
+        super().__init__()
+        if d_model % num_heads:
+            raise ValueError(f"MSDeformAttn: d_model {d_model} not divisible by num_heads {num_heads}")
+        self.d_model = d_model
+        self.num_levels = num_levels
+        self.num_heads = num_heads
+        self.num_points = num_points
+        self.sampling_offsets = nn.Linear(d_model, num_heads * num_levels * num_points * 2)
+        self.attention_weights = nn.Linear(d_model, num_heads * num_levels * num_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Deformable-DETR's init: head h starts sampling along direction 2 pi h / H, point p at distance p+1."""
+        nn.init.zeros_(self.sampling_offsets.weight)
+        thetas = torch.arange(self.num_heads, dtype=torch.float32) * (2.0 * math.pi / self.num_heads)
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+        grid = grid / grid.abs().max(-1, keepdim=True)[0]
+        grid = grid.view(self.num_heads, 1, 1, 2).repeat(1, self.num_levels, self.num_points, 1)
+        grid = grid * torch.arange(1, self.num_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.view(-1))
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.zeros_(self.value_proj.bias)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.zeros_(self.output_proj.bias)
+
+    def forward(
+        self,
+        query: Tensor,
+        reference_points: Tensor,
+        value: Tensor,
+        spatial_shapes: list[tuple[int, int]],
+        padding_mask: Tensor | None,
+    ) -> Tensor:
+        batch, num_queries, _ = query.shape
+        num_values = value.shape[1]
+        if sum(h * w for h, w in spatial_shapes) != num_values:
+            raise ValueError(f"MSDeformAttn: spatial_shapes {spatial_shapes} do not cover {num_values} values")
+        heads, levels, points = self.num_heads, self.num_levels, self.num_points
+        value = self.value_proj(value)
+        if padding_mask is not None:
+            value = value.masked_fill(padding_mask[..., None], 0.0)
+        value = value.view(batch, num_values, heads, self.d_model // heads)
+        # Sampling locations in float32: half precision would misplace them by a fraction of a pixel.
+        offsets = self.sampling_offsets(query).float().view(batch, num_queries, heads, levels, points, 2)
+        weights = self.attention_weights(query).float().view(batch, num_queries, heads, levels * points)
+        weights = weights.softmax(-1).view(batch, num_queries, heads, levels, points)
+        ref = reference_points.float()[:, :, None, :, None, :]
+        if reference_points.shape[-1] == 2:
+            # Offsets are in pixels of each level: divide by (w, h).
+            normalizer = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=torch.float32, device=offsets.device)
+            locations = ref + offsets / normalizer[None, None, None, :, None, :]
+        elif reference_points.shape[-1] == 4:
+            locations = ref[..., :2] + offsets / points * ref[..., 2:] * 0.5
+        else:
+            raise ValueError(f"MSDeformAttn: reference_points last dim {reference_points.shape[-1]}; expected 2 or 4")
+        out = ms_deform_attn_sample(value, spatial_shapes, locations, weights)
+        return self.output_proj(out)

@@ -1,0 +1,135 @@
+"""image_pretrain: the backbone that box_pretrain and finetune start from.
+
+`stage.method`: `self_supervised` (BYOL on the training images, labels unused), `supervised` (classification of
+the ground-truth object crops) or `import` (weights already on disk: torchvision, timm, detectron2, MoCo, BYOL).
+Whatever the method, `checkpoint.pth` holds the backbone alone under the detector's names (`backbone.body.*`), so
+`stage.init_from=<this stage's dir>` loads it into any detector built on the same backbone.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from stages.backbone_import import load_into_backbone
+from stages.common import seed_everything, stage_dir, write_json
+from stages.data.build import build_dataset, build_loader
+from stages.engine.checkpoint import CHECKPOINT_NAME, LAST_NAME, load_into, save_checkpoint
+from stages.engine.distributed import init_distributed, is_distributed, is_main_process
+from stages.engine.trainer import Hook, Trainer, unwrap
+from stages.errors import UserError
+
+log = logging.getLogger("detpipe")
+# The detector's attribute that holds the backbone: checkpoint keys are "<prefix>.<backbone key>".
+BACKBONE_PREFIX = "backbone"
+
+
+class BackboneOnly(nn.Module):
+    """The backbone under the detector's name, so that `load_into` reports and loads it like any checkpoint."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+
+class TargetUpdate(Hook):
+    """BYOL's momentum update after every optimisation step, on a cosine schedule over the run."""
+
+    def after_step(self, trainer: Trainer) -> None:
+        unwrap(trainer.model).update_target(trainer.iter / trainer.max_iters)
+
+
+def pair_forward(model: nn.Module, batch, device: torch.device) -> dict[str, torch.Tensor]:
+    """Both methods' batches are two lists (view1, view2) or (crops, labels)."""
+    first, second = batch
+    return model(torch.stack(first).to(device), torch.stack(second).to(device))
+
+
+def save_backbone(path, backbone: nn.Module, cfg: DictConfig, extra: dict) -> None:
+    if is_main_process():
+        state = {f"{BACKBONE_PREFIX}.{k}": v for k, v in backbone.state_dict().items()}
+        save_checkpoint(
+            path,
+            {
+                "model": state,
+                "iter": extra.get("iter", 0),
+                "stage": "image_pretrain",
+                "config": OmegaConf.to_container(cfg, resolve=True),
+                **extra,
+            },
+        )
+
+
+def build_training(cfg: DictConfig, backbone: nn.Module, dataset):
+    """(model, dataset, hooks) for the two training methods."""
+    method = cfg.stage.method
+    if method == "self_supervised":
+        from models.ssl import TwoViewDataset
+
+        views = TwoViewDataset(dataset, instantiate(cfg.stage.byol.augmentation))
+        return instantiate(cfg.stage.byol.model, encoder=backbone), views, [TargetUpdate()]
+    crops = instantiate(cfg.stage.supervised.crops, source=dataset)
+    return instantiate(cfg.stage.supervised.model, encoder=backbone, num_classes=crops.num_classes), crops, []
+
+
+def run(cfg: DictConfig) -> dict:
+    start = time.perf_counter()
+    method = cfg.stage.method
+    if method not in ("self_supervised", "supervised", "import"):
+        raise UserError(f"stage.method: unknown method {method!r}; expected self_supervised, supervised or import")
+    device = init_distributed(cfg.trainer.device, cfg.trainer.dist_backend)
+    seed_everything(cfg.seed)
+    out = stage_dir(cfg)
+    backbone = instantiate(cfg.model.detector.backbone)
+    summary = {"stage": "image_pretrain", "method": method}
+
+    if method == "import":
+        if not cfg.stage.weights:
+            raise UserError("stage.weights: not set; expected the path of a backbone weights file for method=import")
+        report = load_into_backbone(
+            backbone.body, cfg.stage.weights, cfg.stage.min_match_fraction, cfg.stage.allow_pickle
+        )
+        save_backbone(out / CHECKPOINT_NAME, backbone, cfg, {"import": report.as_dict()})
+        summary.update(
+            {
+                "checkpoint": str(out / CHECKPOINT_NAME),
+                "metrics": {"loaded": len(report.loaded)},
+                "import": report.as_dict(),
+            }
+        )
+    else:
+        if cfg.stage.init_from and not (out / LAST_NAME).exists():
+            log.info("%s", load_into(BackboneOnly(backbone), cfg.stage.init_from).table())
+        # Labels are unused by BYOL; both methods read plain images (no detection transforms).
+        dataset = build_dataset(cfg.data, "train", train=False, seed=cfg.seed)
+        model, train_set, hooks = build_training(cfg, backbone, dataset)
+        # BatchNorm needs at least two samples per step.
+        loader = build_loader(
+            train_set,
+            batch_size=cfg.trainer.batch_size,
+            num_workers=cfg.trainer.num_workers,
+            shuffle=True,
+            seed=cfg.seed,
+            distributed=is_distributed(),
+            drop_last=True,
+        )
+        trainer = Trainer(cfg, model, loader, out, "image_pretrain", device, forward_fn=pair_forward, hooks=hooks)
+        result = trainer.train()
+        # checkpoint.pth is the backbone alone (what later stages load); last.pth keeps the whole wrapper for resuming.
+        save_backbone(out / CHECKPOINT_NAME, backbone, cfg, {"iter": result["iter"]})
+        summary.update(
+            {
+                "checkpoint": str(out / CHECKPOINT_NAME),
+                "metrics": result["final_losses"],
+                "iterations": result["iter"],
+                "train_seconds": trainer.train_seconds,
+            }
+        )
+    summary["seconds"] = time.perf_counter() - start
+    write_json(out / "summary.json", summary)
+    return summary
