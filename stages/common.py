@@ -36,6 +36,11 @@ def write_json(path: Path, payload: dict) -> None:
         atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
 
 
-def read_summary(directory: Path) -> dict | None:
-    path = Path(directory) / "summary.json"
+def read_json(path: Path) -> dict | None:
+    """The JSON object in `path`, or None when the file does not exist."""
+    path = Path(path)
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def read_summary(directory: Path) -> dict | None:
+    return read_json(Path(directory) / "summary.json")

@@ -8,13 +8,15 @@ import time
 from omegaconf import DictConfig
 
 from stages.build import build_model, validate_model_config
-from stages.common import seed_everything, stage_dir, write_json
+from stages.common import read_json, seed_everything, stage_dir, write_json
 from stages.data.build import build_dataset, build_loader
 from stages.engine.checkpoint import LAST_NAME, load_into
 from stages.engine.distributed import init_distributed, is_distributed
 from stages.engine.trainer import Trainer
 
 log = logging.getLogger("detpipe")
+# The init_from load report, kept so that a resumed run still reports what it started from.
+INIT_REPORT = "init.json"
 
 
 def run(cfg: DictConfig) -> dict:
@@ -26,12 +28,13 @@ def run(cfg: DictConfig) -> dict:
 
     dataset = build_dataset(cfg.data, "train", train=True, seed=cfg.seed)
     model = build_model(cfg.model, dataset.num_classes)
-    init = None
+    init = read_json(out / INIT_REPORT)
     # A resumed run takes its weights from last.pth; init_from only seeds a fresh run.
     if cfg.stage.init_from and not (out / LAST_NAME).exists():
         report = load_into(model, cfg.stage.init_from, drop=cfg.stage.get("init_drop", []) or [])
         log.info("%s", report.table())
         init = report.as_dict()
+        write_json(out / INIT_REPORT, init)
 
     loader = build_loader(
         dataset,

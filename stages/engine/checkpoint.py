@@ -156,9 +156,12 @@ def load_state_into(
 
 
 def load_into(model: nn.Module, path_or_dir: str | Path, drop: Iterable[str] = (), min_loaded: int = 1) -> LoadReport:
-    """Load `init_from` weights into `model`; a checkpoint that fits nothing gives a UserError."""
+    """Load `init_from` weights into `model`, leaving out keys with a `drop` substring or one the checkpoint lists
+    under "drop_keys"; a checkpoint that fits nothing gives a UserError."""
     path = resolve_checkpoint(path_or_dir)
     payload = read_checkpoint(path)
+    # A pre-training stage lists what must not go on (projectors, pseudo-classifiers) as "drop_keys".
+    drop = (*drop, *payload.get("drop_keys", []))
     report = load_state_into(model, payload["model"], str(path), drop)
     if report.num_loaded < min_loaded:
         raise UserError(

@@ -8,8 +8,21 @@ import torch
 import torch.distributed as dist
 
 
+def export_slurm_environment() -> None:
+    """Under Hydra's submitit launcher each Slurm task is one rank; submitit translates the SLURM_* variables
+    into the RANK / WORLD_SIZE / MASTER_ADDR variables torch.distributed reads (torchrun sets them itself)."""
+    if "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    try:
+        from submitit.helpers import TorchDistributedEnvironment
+    except ImportError:  # not launched by submitit (e.g. a plain srun of torchrun)
+        return
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def init_distributed(device: str, backend: str = "auto") -> torch.device:
-    """Join the process group torchrun describes (WORLD_SIZE > 1) and return this rank's device."""
+    """Join the process group torchrun (or submitit on Slurm) describes and return this rank's device."""
+    export_slurm_environment()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if device.startswith("cuda") else "gloo"
