@@ -1,9 +1,15 @@
 """What a detector hands the AlignDet wrapper for one view: per-branch features with the proposal id each was
-assigned to by the detector's own assigner, and the detector's box regression losses against the proposals."""
+assigned to by the detector's own assigner, and the detector's box regression losses against the proposals.
+
+A detector that supports box-domain pre-training implements `AlignableDetector` (the torchvision detectors in
+models/torchvision_detectors.py do); the wrapper builds one projection MLP per branch from
+`align_feature_dims()`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
@@ -23,3 +29,36 @@ class AlignOutputs:
     features: dict[str, Tensor] = field(default_factory=dict)
     ids: dict[str, Tensor] = field(default_factory=dict)
     losses: dict[str, Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if set(self.features) != set(self.ids):
+            raise ValueError(
+                f"AlignOutputs: feature branches {sorted(self.features)} != id branches {sorted(self.ids)}"
+            )
+        for name, feats in self.features.items():
+            ids = self.ids[name]
+            if feats.dim() != 2 or ids.dim() != 1 or feats.shape[0] != ids.shape[0]:
+                raise ValueError(
+                    f"AlignOutputs[{name!r}]: features {tuple(feats.shape)} and ids {tuple(ids.shape)}; "
+                    "expected [N, C] and [N]"
+                )
+
+
+@runtime_checkable
+class AlignableDetector(Protocol):
+    """The calls the AlignDet wrapper makes on a detector that brings its own box-domain support."""
+
+    def align_outputs(self, images: list[Tensor], targets: list[dict[str, Tensor]], with_losses: bool) -> AlignOutputs:
+        """`images`: CHW float in [0, 1]; `targets[i]`: `boxes` [n_i, 4] xyxy pixels (the proposals), `labels`
+        [n_i] int64 (all 0: one pseudo-class), `ids` [n_i] int64. `with_losses=False`: no regression losses (the
+        momentum view, under no_grad)."""
+        ...
+
+    def align_feature_dims(self) -> dict[str, int]:
+        """Branch name -> width C_b of `AlignOutputs.features[branch]`, known before any forward pass."""
+        ...
+
+    def align_drop_keys(self) -> list[str]:
+        """Substrings of state-dict keys to leave out when a box-pretrained checkpoint seeds fine-tuning (the
+        classifiers and last regression layers, as AlignDet's weight-extraction script drops them)."""
+        ...

@@ -1,0 +1,177 @@
+"""box_pretrain: AlignDet box-domain pre-training of the whole detector on the training images, labels unused.
+
+Selective-search proposals (cached) -> two augmented views per image sharing proposal ids -> the detector wrapped
+in `models.aligndet.AlignDet` (online + EMA copy, projectors, box-domain InfoNCE and box losses) -> the shared
+Trainer with an EMA hook. `checkpoint.pth` holds the online detector alone under the detector's own names
+(backbone.*, neck.*, transformer.*, ...) plus `drop_keys`, the classifier keys fine-tuning should leave out;
+`last.pth` keeps the whole wrapper for resuming.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from models.aligndet import AlignDet
+from stages.build import build_model, validate_model_config
+from stages.common import seed_everything, stage_dir, write_json
+from stages.data.build import build_dataset, build_loader
+from stages.data.proposals import ProposalStats, load_or_compute_proposals
+from stages.data.two_view import build_two_view_dataset, collate_two_view
+from stages.engine.checkpoint import CHECKPOINT_NAME, LAST_NAME, load_into, save_checkpoint
+from stages.engine.distributed import barrier, init_distributed, is_distributed, is_main_process
+from stages.engine.trainer import Hook, Trainer, to_device, unwrap
+
+log = logging.getLogger("detpipe")
+
+
+class MomentumUpdate(Hook):
+    """AlignDet's EMA update after every optimisation step, momentum on a cosine schedule over the run."""
+
+    def after_step(self, trainer: Trainer) -> None:
+        unwrap(trainer.model).update_momentum(trainer.iter / trainer.max_iters)
+
+
+def two_view_forward(model: nn.Module, batch, device: torch.device) -> dict[str, torch.Tensor]:
+    """A `collate_two_view` batch (images1, targets1, images2, targets2) through AlignDet."""
+    images1, targets1, images2, targets2 = to_device(batch, device)
+    return model(images1, targets1, images2, targets2)
+
+
+def proposals_main_first(dataset, proposals_cfg: DictConfig) -> tuple[dict, ProposalStats]:
+    """The main process computes (or reads) the cache first; the other ranks then read it."""
+    args = (dataset, proposals_cfg, proposals_cfg.cache_dir, proposals_cfg.num_workers)
+    if is_main_process():
+        result = load_or_compute_proposals(*args)
+    barrier()
+    if not is_main_process():
+        result = load_or_compute_proposals(*args)
+    return result
+
+
+def proposal_limit(detector: nn.Module, max_per_image: int | None) -> int | None:
+    """Proposals kept per image: at most the detector's `num_queries` (a DETR can match no more) and at most
+    `max_per_image`; None when neither bounds it."""
+    bounds = [b for b in (getattr(detector, "num_queries", None), max_per_image) if b is not None]
+    return min(bounds) if bounds else None
+
+
+def clamp_proposals(proposals: Mapping, limit: int | None) -> tuple[dict, int]:
+    """The first `limit` proposals of each image (selective search's order, as the reference's top-k) and the
+    number of images that lost some."""
+    if limit is None:
+        return dict(proposals), 0
+    clamped = sum(1 for boxes in proposals.values() if len(boxes) > limit)
+    return {image_id: np.asarray(boxes)[:limit] for image_id, boxes in proposals.items()}, clamped
+
+
+def save_detector(path, detector: nn.Module, cfg: DictConfig, iteration: int, drop_keys: list[str]) -> None:
+    """checkpoint.pth: the online detector's weights under its own names, and the keys fine-tuning drops."""
+    if is_main_process():
+        save_checkpoint(
+            path,
+            {
+                "model": detector.state_dict(),
+                "stage": "box_pretrain",
+                "config": OmegaConf.to_container(cfg, resolve=True),
+                "iter": iteration,
+                "drop_keys": list(drop_keys),
+            },
+        )
+    barrier()
+
+
+def build_aligndet(detector: nn.Module, stage_cfg: DictConfig) -> AlignDet:
+    a = stage_cfg.aligndet
+    return AlignDet(
+        detector,
+        projector_hidden_dim=a.projector_hidden_dim,
+        projector_out_dim=a.projector_out_dim,
+        temperature=a.temperature,
+        base_momentum=a.base_momentum,
+        contrastive_weight=a.contrastive_weight,
+        freeze_backbone=stage_cfg.freeze_backbone,
+        detr_all_layers=a.detr_all_layers,
+    )
+
+
+def run(cfg: DictConfig) -> dict:
+    start = time.perf_counter()
+    validate_model_config(cfg.model)
+    device = init_distributed(cfg.trainer.device, cfg.trainer.dist_backend)
+    seed_everything(cfg.seed)
+    out = stage_dir(cfg)
+
+    # Labels are never read: only the images (for proposals and views) and the dataset's class count (the
+    # classifiers exist but go unused; fine-tuning drops them).
+    dataset = build_dataset(cfg.data, "train", train=False, seed=cfg.seed)
+    proposals, stats = proposals_main_first(dataset, cfg.stage.proposals)
+    detector = build_model(cfg.model, dataset.num_classes)
+    limit = proposal_limit(detector, cfg.stage.proposals.max_per_image)
+    proposals, clamped = clamp_proposals(proposals, limit)
+    if clamped:
+        log.info("proposals: %d images keep their first %d proposals (the detector's queries)", clamped, limit)
+    views = build_two_view_dataset(dataset, proposals, cfg.stage.views)
+
+    init = None
+    # A resumed run takes its weights from last.pth; init_from only seeds a fresh run.
+    if cfg.stage.init_from and not (out / LAST_NAME).exists():
+        report = load_into(detector, cfg.stage.init_from)
+        log.info("%s", report.table())
+        init = report.as_dict()
+    elif cfg.stage.freeze_backbone and not (out / LAST_NAME).exists():
+        log.warning("box_pretrain: stage.freeze_backbone=true without stage.init_from: the backbone stays random")
+    model = build_aligndet(detector, cfg.stage)
+
+    loader = build_loader(
+        views,
+        batch_size=cfg.trainer.batch_size,
+        num_workers=cfg.trainer.num_workers,
+        shuffle=True,
+        seed=cfg.seed,
+        distributed=is_distributed(),
+        drop_last=len(views) >= cfg.trainer.batch_size,
+    )
+    # Two-view items are 4-tuples; set before the first iteration starts any worker.
+    loader.collate_fn = collate_two_view
+    trainer = Trainer(
+        cfg, model, loader, out, "box_pretrain", device, forward_fn=two_view_forward, hooks=[MomentumUpdate()]
+    )
+    result = trainer.train()
+    drop_keys = model.align_drop_keys(detector)
+    save_detector(out / CHECKPOINT_NAME, detector, cfg, result["iter"], drop_keys)
+
+    summary = {
+        "stage": "box_pretrain",
+        "checkpoint": str(out / CHECKPOINT_NAME),
+        "metrics": result["final_losses"],
+        "iterations": result["iter"],
+        "num_train_images": len(views),
+        "train_seconds": trainer.train_seconds,
+        "seconds_per_iter": trainer.train_seconds / max(1, result["iter"]),
+        "seconds": time.perf_counter() - start,
+        "init": init,
+        "freeze_backbone": bool(cfg.stage.freeze_backbone),
+        "branches": list(model.feature_dims),
+        "drop_keys": drop_keys,
+        "proposals": {
+            "num_images": stats.num_images,
+            "num_skipped": stats.num_skipped,
+            "num_boxes": stats.num_boxes,
+            "boxes_per_image": stats.boxes_per_image,
+            "seconds": stats.seconds,
+            "images_per_second": stats.images_per_second,
+            "cache_hit": stats.cache_hit,
+            "cache_path": stats.cache_path,
+            "per_image_limit": limit,
+            "num_images_clamped": clamped,
+        },
+    }
+    write_json(out / "summary.json", summary)
+    return summary
