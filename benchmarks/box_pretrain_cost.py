@@ -121,8 +121,16 @@ def main(argv: list[str]) -> None:
     box_detector = build_model(cfg.model, plain.num_classes)
     proposals, _ = clamp_proposals(proposals, proposal_limit(box_detector, p_cfg.max_per_image))
     views = build_two_view_dataset(plain, proposals, cfg.stage.views)
-    box_loader = build_loader(views, batch_size, 0, shuffle=True, seed=cfg.seed, distributed=False, drop_last=True)
-    box_loader.collate_fn = collate_two_view
+    box_loader = build_loader(
+        views,
+        batch_size,
+        0,
+        shuffle=True,
+        seed=cfg.seed,
+        distributed=False,
+        drop_last=True,
+        collate_fn=collate_two_view,
+    )
     aligndet = build_aligndet(box_detector, cfg.stage)
     steps_done = [0]
 

@@ -137,9 +137,8 @@ def run(cfg: DictConfig) -> dict:
         seed=cfg.seed,
         distributed=is_distributed(),
         drop_last=len(views) >= cfg.trainer.batch_size,
+        collate_fn=collate_two_view,
     )
-    # Two-view items are 4-tuples; set before the first iteration starts any worker.
-    loader.collate_fn = collate_two_view
     trainer = Trainer(
         cfg, model, loader, out, "box_pretrain", device, forward_fn=two_view_forward, hooks=[MomentumUpdate()]
     )

@@ -1,6 +1,7 @@
 """Datasets and loaders from the `data` config group (synthetic, coco, voc)."""
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,7 @@ def build_loader(
     seed: int,
     distributed: bool,
     drop_last: bool,
+    collate_fn: Callable[[list], tuple] = collate_detection,
 ) -> DataLoader:
     """A DataLoader of `(list[Tensor], list[dict])` batches, reproducible from `seed`: the shuffle order and
     the per-worker seeds come from a torch.Generator seeded with `seed` (mixed with the rank when
@@ -104,7 +106,7 @@ def build_loader(
         shuffle=shuffle and sampler is None,
         sampler=sampler,
         num_workers=num_workers,
-        collate_fn=collate_detection,
+        collate_fn=collate_fn,
         worker_init_fn=_seed_worker if num_workers > 0 else None,
         generator=generator,
         drop_last=drop_last,

@@ -94,6 +94,8 @@ class Trainer:
         self.stage_dir = Path(stage_dir)
         self.device = device
         self.loader = loader
+        # Each epoch's shuffle is seeded from the loader's own seed (rank-specific under DDP) and the epoch.
+        self.loader_seed = loader.generator.initial_seed() if getattr(loader, "generator", None) is not None else None
         self.forward_fn = forward_fn
         self.hooks = list(hooks or [])
         self.max_iters = self.tcfg.max_iters if self.tcfg.epochs is None else self.tcfg.epochs * len(loader)
@@ -152,8 +154,8 @@ class Trainer:
         while True:
             if isinstance(self.loader.sampler, DistributedSampler):
                 self.loader.sampler.set_epoch(self.epoch)
-            if hasattr(self.loader, "generator") and self.loader.generator is not None:
-                self.loader.generator.manual_seed(int(self.cfg.seed) * 1000003 + self.epoch)
+            if self.loader_seed is not None:
+                self.loader.generator.manual_seed(self.loader_seed + self.epoch)
             yield from self.loader
             self.epoch += 1
 
