@@ -59,7 +59,7 @@ def total_loss(losses: LossDict) -> torch.Tensor:
     terms = {k: v for k, v in losses.items() if is_loss(k)}
     bad = [k for k, v in terms.items() if not torch.isfinite(v).all()]
     if bad:
-        raise FloatingPointError(f"non-finite loss term(s) {bad} (values {[float(terms[k]) for k in bad]})")
+        raise FloatingPointError(f"non-finite loss term(s) {bad} (values {[float(terms[k].detach()) for k in bad]})")
     return sum(terms.values())
 
 
