@@ -39,6 +39,46 @@ def predict(model: torch.nn.Module, loader, device: torch.device, label_to_cat_i
     return results, shown
 
 
+def wandb_box_image(
+    image: torch.Tensor, target: dict, pred: dict[str, torch.Tensor], class_names: list[str], score_threshold: float
+):
+    """A `wandb.Image` of `image` (CHW in [0, 1]) with two box overlays W&B can toggle and filter: "ground_truth"
+    (the target's boxes) and "predictions" (scores >= `score_threshold`), in the image's pixel coordinates and
+    labelled with class names. Called only when the W&B logger is on."""
+    import wandb
+
+    labels = dict(enumerate(class_names))
+
+    def box(xyxy: list[float], label: int, caption: str, scores: dict | None = None) -> dict:
+        x0, y0, x1, y1 = xyxy
+        item = {
+            "position": {"minX": x0, "minY": y0, "maxX": x1, "maxY": y1},
+            "domain": "pixel",
+            "class_id": int(label),
+            "box_caption": caption,
+        }
+        if scores is not None:
+            item["scores"] = scores
+        return item
+
+    truth = [box(b, c, class_names[c]) for b, c in zip(target["boxes"].tolist(), target["labels"].tolist())]
+    keep = pred["scores"] >= score_threshold
+    predictions = [
+        box(b, c, f"{class_names[c]} {s:.2f}", {"score": s})
+        for b, c, s in zip(pred["boxes"][keep].tolist(), pred["labels"][keep].tolist(), pred["scores"][keep].tolist())
+    ]
+    pixels = (image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).astype("uint8")
+    return wandb.Image(
+        pixels,
+        caption=f"image {int(target['image_id'])}",
+        boxes={
+            "predictions": {"box_data": predictions, "class_labels": labels},
+            "ground_truth": {"box_data": truth, "class_labels": labels},
+        },
+        classes=wandb.Classes([{"id": i, "name": name} for i, name in labels.items()]),
+    )
+
+
 def run(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     device = init_distributed(cfg.trainer.device, cfg.trainer.dist_backend)
@@ -67,22 +107,29 @@ def run(cfg: DictConfig) -> dict:
 
     atomic_write_text(out / "predictions.json", json.dumps(results))
     write_json(out / "metrics.json", {"bbox": bbox})
-    pictures = []
     for i, (image, target, pred) in enumerate(shown):
         rgb = draw_detections(
             image, target["boxes"], target["labels"], pred, dataset.class_names, cfg.stage.vis_score_threshold
         )
         save_png(out / "vis" / f"{i:02d}_{int(target['image_id'])}.png", rgb)
-        pictures.append(rgb)
     print(format_table(bbox))
 
     metrics_logger = MetricsLogger(out, "eval", cfg)
     metrics_logger.log(0, {f"eval/{k}": v for k, v in bbox.items() if k != "per_class"}, console=False)
-    metrics_logger.summary({f"eval/{k}": v for k, v in bbox.items() if k != "per_class"})
+    metrics_logger.summary(
+        {
+            **{f"eval/{k}": v for k, v in bbox.items() if k != "per_class"},
+            **{f"eval_per_class/{name}": ap for name, ap in bbox["per_class"].items()},
+        }
+    )
     if metrics_logger.wandb is not None:
-        import wandb
-
-        metrics_logger.log_images("eval/vis", [wandb.Image(p) for p in pictures])
+        images = {
+            f"eval_vis/{i:02d}_{int(target['image_id'])}": wandb_box_image(
+                image, target, pred, dataset.class_names, cfg.stage.vis_score_threshold
+            )
+            for i, (image, target, pred) in enumerate(shown)
+        }
+        metrics_logger.log_images(images, step=0)
     metrics_logger.close()
 
     summary = {

@@ -51,6 +51,9 @@ def run(cfg: DictConfig) -> dict:
         stage_cfg = compose_stage(name, overrides, run_dir, previous)
         with open_dict(stage_cfg):
             stage_cfg.seed = cfg.seed
+            if name == "finetune" and "eval" in cfg.stage.stages:
+                # The pipeline's own eval stage evaluates; finetune need not do it twice.
+                stage_cfg.stage.evaluate = False
         out = Path(run_dir) / name
         done = read_summary(out)
         start = time.perf_counter()

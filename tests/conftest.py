@@ -19,9 +19,18 @@ def data_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data")
 
 
-def run_cli(args: list[str], run_dir: Path, data_dir: Path, timeout: int = 300, cmd: list[str] | None = None):
-    """`python run.py <args>` writing into `run_dir`; returns the CompletedProcess (never raises on failure)."""
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+def run_cli(
+    args: list[str],
+    run_dir: Path,
+    data_dir: Path,
+    timeout: int = 300,
+    cmd: list[str] | None = None,
+    env: dict[str, str] | None = None,
+):
+    """`python run.py <args>` writing into `run_dir`; returns the CompletedProcess (never raises on failure).
+    `env` adds to (or replaces) the environment, e.g. {"WANDB_MODE": "offline"}; W&B is disabled otherwise.
+    For a multirun (`-m`) pass `hydra.sweep.dir=...` in `args`: the appended hydra.run.dir is then unused."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     command = (cmd or [sys.executable, str(ROOT / "run.py")]) + [
         *args,
         f"hydra.run.dir={run_dir}",
