@@ -11,10 +11,11 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torchvision.ops import sigmoid_focal_loss
 
 from models.heads.assigners import BACKGROUND, IGNORE
 from models.heads.base import AuxHead, AuxPositives
-from models.heads.common import PaddedTargets, float32_region, random_subset
+from models.heads.common import PaddedTargets, float32_region, mean_over_processes, random_subset
 from models.heads.priors import DensePriors, valid_location_mask
 
 
@@ -113,6 +114,20 @@ class DenseAuxHead(AuxHead):
     ) -> dict[str, Tensor]:
         """Weighted losses from float32 predictions cls [B, N, C], reg [B, N, 4], ctr [B, N] and matched [B, N]."""
         raise NotImplementedError(f"{type(self).__name__} must implement compute_losses")
+
+    def classification_loss(self, cls: Tensor, matched: Tensor, gt: PaddedTargets) -> tuple[Tensor, Tensor]:
+        """(summed sigmoid focal loss over the scored priors, positive count averaged over processes, >= 1).
+        Positives and negatives are scored; ignored and padding priors are left out."""
+        scored = matched >= BACKGROUND
+        num_pos = mean_over_processes((matched >= 0).sum()).clamp(min=1.0)
+        loss = sigmoid_focal_loss(
+            cls[scored],
+            one_hot_targets(cls, matched, gt)[scored],
+            alpha=self.focal_alpha,
+            gamma=self.focal_gamma,
+            reduction="sum",
+        )
+        return loss, num_pos
 
     def forward(
         self,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from torch import Tensor
 from torchvision.models.detection._utils import BoxCoder
-from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import generalized_box_iou_loss
 
-from models.heads.assigners import BACKGROUND, MaxIoUAssigner
-from models.heads.common import PaddedTargets, mean_over_processes
-from models.heads.dense import DenseAuxHead, DenseTower, one_hot_targets
+from models.heads.assigners import MaxIoUAssigner
+from models.heads.common import PaddedTargets
+from models.heads.dense import DenseAuxHead, DenseTower
 from models.heads.priors import AnchorGenerator, DensePriors
 
 
@@ -81,15 +81,7 @@ class RetinaNetHead(DenseAuxHead):
         matched: Tensor,
         gt: PaddedTargets,
     ) -> dict[str, Tensor]:
-        scored = matched >= BACKGROUND  # positives and negatives; ignored and padding anchors are left out
-        num_pos = mean_over_processes((matched >= 0).sum()).clamp(min=1.0)
-        loss_cls = sigmoid_focal_loss(
-            cls[scored],
-            one_hot_targets(cls, matched, gt)[scored],
-            alpha=self.focal_alpha,
-            gamma=self.focal_gamma,
-            reduction="sum",
-        )
+        loss_cls, num_pos = self.classification_loss(cls, matched, gt)
         image, prior = (matched >= 0).nonzero(as_tuple=True)
         target_boxes = gt.boxes[image, matched[image, prior]]
         pred_boxes = self.box_coder.decode_single(reg[image, prior], priors.boxes[prior])
