@@ -1,0 +1,86 @@
+"""Quality of an image-domain backbone: k-NN accuracy on ground-truth object crops of the synthetic dataset.
+
+    python benchmarks/knn_probe.py --checkpoint RUN/image_pretrain [--checkpoint ...] [hydra overrides ...]
+
+Every backbone (random initialisation, then each checkpoint: a file or a stage directory) embeds the train and
+val crops (global-average-pooled C5, L2-normalised); each val crop takes the label of a similarity-weighted vote
+of its k nearest train crops. Prints one row per backbone: top-1 accuracy and the majority-class baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from torch.utils.data import DataLoader
+
+from models.crop_classifier import GroundTruthCrops
+from models.ssl import pooled_features
+from stages.data.build import build_dataset
+from stages.engine.checkpoint import load_into
+from stages.image_pretrain import BackboneOnly
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@torch.no_grad()
+def embed(backbone: torch.nn.Module, crops: GroundTruthCrops, mean: torch.Tensor, std: torch.Tensor, batch: int):
+    backbone.eval()
+    feats, labels = [], []
+    for images, targets in DataLoader(crops, batch_size=batch):
+        feats.append(F.normalize(pooled_features(backbone, (images - mean) / std), dim=1))
+        labels.append(targets)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def knn_accuracy(train_x, train_y, val_x, val_y, k: int, num_classes: int, temperature: float) -> float:
+    similarity = val_x @ train_x.T
+    top, index = similarity.topk(k, dim=1)
+    votes = torch.zeros(len(val_x), num_classes).scatter_add_(1, train_y[index], (top / temperature).exp())
+    return float((votes.argmax(1) == val_y).float().mean()) * 100
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", action="append", default=[], help="image_pretrain checkpoint or stage dir")
+    parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--temperature", type=float, default=0.07)
+    parser.add_argument("--crop-size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. paths.data_dir=/tmp/data")
+    args = parser.parse_args()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["paths.run_dir=/tmp/knn_probe", *args.overrides])
+    crops = {
+        split: GroundTruthCrops(build_dataset(cfg.data, split, train=False), args.crop_size, 0.1, 4, 0.0)
+        for split in ("train", "val")
+    }
+    num_classes = crops["train"].num_classes
+    mean = torch.tensor(list(cfg.model.detector.pixel_mean)).view(1, 3, 1, 1)
+    std = torch.tensor(list(cfg.model.detector.pixel_std)).view(1, 3, 1, 1)
+    val_labels = torch.tensor([label for _, _, label in crops["val"].items])
+    majority = max(int(val_labels.eq(c).sum()) for c in range(num_classes)) / len(val_labels)
+    rows = []
+    for source in [None, *args.checkpoint]:
+        torch.manual_seed(args.seed)
+        backbone = instantiate(cfg.model.detector.backbone)
+        if source is not None:
+            load_into(BackboneOnly(backbone), source)
+        train_x, train_y = embed(backbone, crops["train"], mean, std, args.batch)
+        val_x, val_y = embed(backbone, crops["val"], mean, std, args.batch)
+        accuracy = knn_accuracy(train_x, train_y, val_x, val_y, args.k, num_classes, args.temperature)
+        rows.append((source or "random init", accuracy))
+    print(f"\n{len(crops['train'])} train / {len(crops['val'])} val crops, {num_classes} classes, k={args.k}")
+    print(f"majority-class baseline: {100 * majority:.1f}%")
+    print(f"{'backbone':<60}{'k-NN top-1 %':>14}")
+    for name, accuracy in rows:
+        print(f"{str(name)[-60:]:<60}{accuracy:>14.1f}")
+
+
+if __name__ == "__main__":
+    main()
