@@ -108,9 +108,7 @@ def run(cfg: DictConfig) -> dict:
     atomic_write_text(out / "predictions.json", json.dumps(results))
     write_json(out / "metrics.json", {"bbox": bbox})
     for i, (image, target, pred) in enumerate(shown):
-        rgb = draw_detections(
-            image, target["boxes"], target["labels"], pred, dataset.class_names, cfg.stage.vis_score_threshold
-        )
+        rgb = draw_detections(image, target["boxes"], pred, dataset.class_names, cfg.stage.vis_score_threshold)
         save_png(out / "vis" / f"{i:02d}_{int(target['image_id'])}.png", rgb)
     print(format_table(bbox))
 

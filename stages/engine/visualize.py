@@ -12,7 +12,6 @@ import torch
 def draw_detections(
     image: torch.Tensor,
     true_boxes: torch.Tensor,
-    true_labels: torch.Tensor,
     pred: dict[str, torch.Tensor],
     class_names: list[str],
     score_threshold: float,
