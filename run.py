@@ -6,7 +6,7 @@ import hydra
 from omegaconf import DictConfig
 
 from stages import get_stage
-from stages.errors import UserError
+from stages.errors import UserError, one_line
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -15,7 +15,7 @@ def main(cfg: DictConfig) -> dict:
         return get_stage(cfg.stage.name)(cfg)
     except UserError as err:
         # A user's mistake gets one line, not a traceback; exit non-zero.
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -1,21 +1,17 @@
-"""Supervised backbone pre-training: classify the ground-truth object crops of a detection dataset.
+"""Supervised backbone pre-training: `CropClassifier` is backbone -> global average pool -> linear.
 
-`GroundTruthCrops` turns a detection dataset into a classification one (one item per ground-truth box, cut out
-with some context and resized to a square); `CropClassifier` is backbone -> global average pool -> linear.
+Its inputs (ground-truth object crops of a detection dataset, or an ImageFolder) come from `stages/data/crops.py`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Dataset
-from torchvision.transforms.v2 import functional as TF
 
-from models.ssl import encoder_out_dim, image_to_chw, pooled_features
+from models.ssl import encoder_out_dim, pooled_features
 
 
 class CropClassifier(nn.Module):
@@ -45,52 +41,3 @@ class CropClassifier(nn.Module):
             return logits
         accuracy = (logits.detach().argmax(dim=1) == labels).float().mean()
         return {"cls/loss": F.cross_entropy(logits, labels), "cls/accuracy": accuracy}
-
-
-def context_box(box: Sequence[float], context: float, height: int, width: int) -> tuple[int, int, int, int]:
-    """(top, left, h, w) in whole pixels: `box` (xyxy) grown by `context` x its size on every side, clipped to the
-    image, at least one pixel."""
-    x0, y0, x1, y1 = (float(v) for v in box)
-    dx, dy = context * (x1 - x0), context * (y1 - y0)
-    left = math.floor(max(0.0, x0 - dx))
-    top = math.floor(max(0.0, y0 - dy))
-    right = math.ceil(min(float(width), x1 + dx))
-    bottom = math.ceil(min(float(height), y1 + dy))
-    return top, left, max(1, bottom - top), max(1, right - left)
-
-
-class GroundTruthCrops(Dataset):
-    """One item per ground-truth box of `source`: (crop float [3, crop_size, crop_size] in [0, 1], label int64).
-
-    `source` is a detection dataset (docs/interfaces.md): `load_image(i) -> HxWx3 uint8`, `raw_target(i)` with
-    `boxes` (xyxy pixels of the file) and `labels`, and `num_classes`. Boxes whose shorter side is below
-    `min_box_size` pixels are skipped. The crop keeps `context` x the box size around the box and is resized to a
-    square (aspect ratio not kept, as a classifier's input); it is flipped horizontally with `flip_prob`."""
-
-    def __init__(self, source, crop_size: int, context: float, min_box_size: float, flip_prob: float):
-        self.source = source
-        self.crop_size = int(crop_size)
-        self.context = float(context)
-        self.flip_prob = float(flip_prob)
-        self.num_classes = int(source.num_classes)
-        # (image index, box xyxy, label) for every kept box; built once from the annotations, no pixels read.
-        self.items: list[tuple[int, list[float], int]] = []
-        for index in range(len(source)):
-            target = source.raw_target(index)
-            boxes = torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4)
-            labels = torch.as_tensor(target["labels"], dtype=torch.int64).reshape(-1)
-            for box, label in zip(boxes.tolist(), labels.tolist(), strict=True):
-                if min(box[2] - box[0], box[3] - box[1]) >= min_box_size:
-                    self.items.append((index, box, label))
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, k: int) -> tuple[Tensor, Tensor]:
-        index, box, label = self.items[k]
-        image = image_to_chw(self.source.load_image(index))
-        top, left, h, w = context_box(box, self.context, image.shape[-2], image.shape[-1])
-        crop = TF.resized_crop(image, top, left, h, w, [self.crop_size, self.crop_size], antialias=True)
-        if self.flip_prob > 0 and torch.rand(()) < self.flip_prob:
-            crop = TF.horizontal_flip(crop)
-        return TF.to_dtype(crop, torch.float32, scale=True), torch.tensor(label, dtype=torch.int64)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from stages.errors import UserError
+from stages.errors import UserError, instantiate_or_user_error
 
 
 def selected_aux_heads(model_cfg: DictConfig, num_aux_heads: int | None = None) -> list[DictConfig]:
@@ -35,21 +34,11 @@ def validate_model_config(model_cfg: DictConfig) -> None:
             raise UserError(f"model.detector.{key}: got {value}; expected >= 0")
 
 
-def _instantiate_detector(detector_cfg: DictConfig, **kwargs) -> nn.Module:
-    """`instantiate`, letting a UserError raised by a constructor through (Hydra wraps it otherwise)."""
-    try:
-        return instantiate(detector_cfg, **kwargs)
-    except InstantiationException as err:
-        if isinstance(err.__cause__, UserError):
-            raise err.__cause__ from None
-        raise
-
-
 def build_model(model_cfg: DictConfig, num_classes: int, num_aux_heads: int | None = None) -> nn.Module:
     """Instantiate the detector for `num_classes` classes. `num_aux_heads=0` builds the plain DETR (eval)."""
     validate_model_config(model_cfg)
     if not model_cfg.get("aux_heads"):
-        return _instantiate_detector(model_cfg.detector, num_classes=num_classes)
+        return instantiate_or_user_error(model_cfg.detector, num_classes=num_classes)
     heads = selected_aux_heads(model_cfg, num_aux_heads)
     # Factories, built by the detector after the DETR itself, so the DETR's initial weights for a given seed
     # do not depend on how many heads there are (a fair K ablation).
@@ -64,4 +53,6 @@ def build_model(model_cfg: DictConfig, num_classes: int, num_aux_heads: int | No
         for head in heads
     ]
     names = [f"aux{i}_{head.name}" for i, head in enumerate(heads)]
-    return _instantiate_detector(model_cfg.detector, num_classes=num_classes, aux_heads=aux_heads, aux_head_names=names)
+    return instantiate_or_user_error(
+        model_cfg.detector, num_classes=num_classes, aux_heads=aux_heads, aux_head_names=names
+    )

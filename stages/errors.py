@@ -1,5 +1,32 @@
 """The one exception type for mistakes a user can fix (bad file, field, override or checkpoint)."""
 
+from __future__ import annotations
+
+from typing import Any
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+
 
 class UserError(Exception):
     """A one-line message naming the file, the item and what was expected. run.py prints it without a traceback."""
+
+
+def instantiate_or_user_error(config: Any, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate`, letting a UserError raised by a constructor through as itself (Hydra wraps
+    every constructor error in a multi-line InstantiationException)."""
+    try:
+        return instantiate(config, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, UserError):
+            raise err.__cause__ from None
+        raise
+
+
+def one_line(err: UserError) -> str:
+    """The message of `err` on one line. A DataLoader worker re-raises a UserError with the worker's traceback
+    in its message; the original message is that traceback's last line."""
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    return lines[-1].removeprefix(f"{UserError.__module__}.{UserError.__qualname__}: ")

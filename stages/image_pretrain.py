@@ -1,7 +1,8 @@
 """image_pretrain: the backbone that box_pretrain and finetune start from.
 
 `stage.method`: `self_supervised` (BYOL on the training images, labels unused), `supervised` (classification of
-the ground-truth object crops) or `import` (weights already on disk: torchvision, timm, detectron2, MoCo, BYOL).
+the ground-truth object crops, or of the images of a local ImageFolder when `stage.supervised.image_folder` is set)
+or `import` (weights already on disk: torchvision, timm, detectron2, MoCo, BYOL).
 Whatever the method, `checkpoint.pth` holds the backbone alone under the detector's names (`backbone.body.*`), so
 `stage.init_from=<this stage's dir>` loads it into any detector built on the same backbone.
 """
@@ -15,14 +16,16 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.utils.data import Dataset
 
 from stages.backbone_import import load_into_backbone
 from stages.common import seed_everything, stage_dir, write_json
 from stages.data.build import build_dataset, build_loader
+from stages.data.ssl_views import TwoViewDataset
 from stages.engine.checkpoint import CHECKPOINT_NAME, LAST_NAME, load_into, save_checkpoint
 from stages.engine.distributed import init_distributed, is_distributed, is_main_process
 from stages.engine.trainer import Hook, Trainer, unwrap
-from stages.errors import UserError
+from stages.errors import UserError, instantiate_or_user_error
 
 log = logging.getLogger("detpipe")
 # The detector's attribute that holds the backbone: checkpoint keys are "<prefix>.<backbone key>".
@@ -65,16 +68,28 @@ def save_backbone(path, backbone: nn.Module, cfg: DictConfig, extra: dict) -> No
         )
 
 
-def build_training(cfg: DictConfig, backbone: nn.Module, dataset):
-    """(model, dataset, hooks) for the two training methods."""
-    method = cfg.stage.method
-    if method == "self_supervised":
-        from models.ssl import TwoViewDataset
+def classifier_training(
+    cfg: DictConfig, backbone: nn.Module, crops: Dataset, source: str
+) -> tuple[nn.Module, Dataset, list[Hook], dict]:
+    """(model, train set, hooks, input description) for the supervised method on `crops`."""
+    model = instantiate(cfg.stage.supervised.model, encoder=backbone, num_classes=crops.num_classes)
+    return model, crops, [], {"input": source, "num_classes": crops.num_classes, "num_items": len(crops)}
 
-        views = TwoViewDataset(dataset, instantiate(cfg.stage.byol.augmentation))
-        return instantiate(cfg.stage.byol.model, encoder=backbone), views, [TargetUpdate()]
-    crops = instantiate(cfg.stage.supervised.crops, source=dataset)
-    return instantiate(cfg.stage.supervised.model, encoder=backbone, num_classes=crops.num_classes), crops, []
+
+def build_training(cfg: DictConfig, backbone: nn.Module) -> tuple[nn.Module, Dataset, list[Hook], dict]:
+    """(model, train set, hooks, input description for the summary) for the two training methods."""
+    method = cfg.stage.method
+    if method == "supervised" and cfg.stage.supervised.image_folder:
+        crops = instantiate_or_user_error(cfg.stage.supervised.folder_crops, root=cfg.stage.supervised.image_folder)
+        return classifier_training(cfg, backbone, crops, f"image_folder: {crops.root}")
+    # Labels are unused by BYOL; both methods read plain images (no detection transforms).
+    dataset = build_dataset(cfg.data, "train", train=False, seed=cfg.seed)
+    if method == "supervised":
+        crops = instantiate_or_user_error(cfg.stage.supervised.crops, source=dataset)
+        return classifier_training(cfg, backbone, crops, "ground_truth_crops")
+    views = TwoViewDataset(dataset, instantiate(cfg.stage.byol.augmentation))
+    model = instantiate(cfg.stage.byol.model, encoder=backbone)
+    return model, views, [TargetUpdate()], {"input": "train_images", "num_items": len(views)}
 
 
 def run(cfg: DictConfig) -> dict:
@@ -82,6 +97,11 @@ def run(cfg: DictConfig) -> dict:
     method = cfg.stage.method
     if method not in ("self_supervised", "supervised", "import"):
         raise UserError(f"stage.method: unknown method {method!r}; expected self_supervised, supervised or import")
+    if cfg.stage.supervised.image_folder and method != "supervised":
+        raise UserError(
+            f"stage.supervised.image_folder: set, but stage.method is {method}; expected stage.method=supervised "
+            "(only the supervised method reads an ImageFolder)"
+        )
     device = init_distributed(cfg.trainer.device, cfg.trainer.dist_backend)
     seed_everything(cfg.seed)
     out = stage_dir(cfg)
@@ -105,9 +125,9 @@ def run(cfg: DictConfig) -> dict:
     else:
         if cfg.stage.init_from and not (out / LAST_NAME).exists():
             log.info("%s", load_into(BackboneOnly(backbone), cfg.stage.init_from).table())
-        # Labels are unused by BYOL; both methods read plain images (no detection transforms).
-        dataset = build_dataset(cfg.data, "train", train=False, seed=cfg.seed)
-        model, train_set, hooks = build_training(cfg, backbone, dataset)
+        model, train_set, hooks, source = build_training(cfg, backbone)
+        summary.update(source)
+        log.info("image_pretrain %s: %s", method, source)
         # BatchNorm needs at least two samples per step.
         loader = build_loader(
             train_set,
@@ -118,6 +138,12 @@ def run(cfg: DictConfig) -> dict:
             distributed=is_distributed(),
             drop_last=True,
         )
+        if len(loader) == 0:
+            # Otherwise the trainer would wait forever for a first batch.
+            raise UserError(
+                f"{source['input']}: {len(train_set)} training items; expected at least "
+                f"trainer.batch_size={cfg.trainer.batch_size} per process (incomplete batches are dropped)"
+            )
         trainer = Trainer(cfg, model, loader, out, "image_pretrain", device, forward_fn=pair_forward, hooks=hooks)
         result = trainer.train()
         # checkpoint.pth is the backbone alone (what later stages load); last.pth keeps the whole wrapper for resuming.

@@ -9,11 +9,13 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from omegaconf import DictConfig, open_dict
 
 from stages import get_stage
 from stages.common import read_summary, write_json
 from stages.engine.checkpoint import sha256_of
+from stages.errors import UserError
 
 log = logging.getLogger("detpipe")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -27,18 +29,26 @@ def job_overrides() -> list[str]:
         return []
 
 
-def compose_stage(name: str, overrides: list[str], run_dir: str, init_from: str | None) -> DictConfig:
-    """The config `python run.py stage=<name> <overrides>` would get, writing into this run directory."""
+def compose_stage(
+    name: str, overrides: list[str], run_dir: str, init_from: str | None, stage_overrides: list[str] | None = None
+) -> DictConfig:
+    """The config `python run.py stage=<name> <overrides> <stage_overrides>` would get, writing into this run
+    directory. The job's own `stage...` overrides belong to the pipeline and are left out; `stage_overrides` are
+    this stage's (the pipeline's `stage.overrides.<name>`)."""
     keep = [o for o in overrides if not o.lstrip("+~").startswith("stage")]
     extra = [f"stage={name}", f"paths.run_dir={run_dir}"]
     if init_from is not None:
         extra.append(f"stage.init_from={init_from}")
-    if GlobalHydra.instance().is_initialized():
-        cfg = compose(config_name="config", overrides=keep + extra)
-    else:
+    extra.extend(stage_overrides or [])
+    try:
+        if GlobalHydra.instance().is_initialized():
+            return compose(config_name="config", overrides=keep + extra)
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=keep + extra)
-    return cfg
+            return compose(config_name="config", overrides=keep + extra)
+    except HydraException as err:
+        # Only the pipeline's per-stage overrides can be new here: the job's own were checked at start-up.
+        message = " ".join(str(err).split())
+        raise UserError(f"stage.overrides.{name}: {stage_overrides}: {message}") from None
 
 
 def run(cfg: DictConfig) -> dict:
@@ -47,8 +57,12 @@ def run(cfg: DictConfig) -> dict:
     # A pipeline-level stage.init_from seeds the first stage (e.g. an imported backbone).
     previous = cfg.stage.get("init_from")
     record = {"run_dir": run_dir, "stages": []}
+    per_stage = cfg.stage.get("overrides") or {}
+    unknown = sorted(set(per_stage) - set(cfg.stage.stages))
+    if unknown:
+        raise UserError(f"stage.overrides: stage(s) {unknown} are not in stage.stages {list(cfg.stage.stages)}")
     for name in cfg.stage.stages:
-        stage_cfg = compose_stage(name, overrides, run_dir, previous)
+        stage_cfg = compose_stage(name, overrides, run_dir, previous, [str(o) for o in per_stage.get(name) or []])
         with open_dict(stage_cfg):
             stage_cfg.seed = cfg.seed
             if name == "finetune" and "eval" in cfg.stage.stages:

@@ -8,7 +8,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch import nn
 
-from models.crop_classifier import CropClassifier, GroundTruthCrops, context_box
+from models.crop_classifier import CropClassifier
+from stages.data.crops import GroundTruthCrops, context_box
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]

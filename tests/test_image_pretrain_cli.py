@@ -20,6 +20,7 @@ def test_image_pretrain_trains_a_backbone_checkpoint(method, tmp_path, data_dir)
     assert ckpt["model"] and all(k.startswith("backbone.body.") for k in ckpt["model"])
     summary = json.loads((tmp_path / "image_pretrain" / "summary.json").read_text())
     assert summary["iterations"] == 6 and summary["method"] == method
+    assert summary["input"] == {"self_supervised": "train_images", "supervised": "ground_truth_crops"}[method]
 
 
 def test_imported_torchvision_weights_reach_finetune(tmp_path, data_dir):

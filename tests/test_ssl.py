@@ -12,7 +12,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch import nn
 
-from models.ssl import BYOL, TwoCropTransform, TwoViewDataset, cosine_momentum
+from models.ssl import BYOL, cosine_momentum
+from stages.data.ssl_views import TwoCropTransform, TwoViewDataset
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]

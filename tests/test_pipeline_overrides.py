@@ -1,0 +1,41 @@
+"""The pipeline's per-stage overrides (stage.overrides.<name>)."""
+
+import pytest
+from omegaconf import OmegaConf
+
+from stages import pipeline
+from stages.errors import UserError
+
+
+def test_stage_overrides_reach_only_their_stage(tmp_path):
+    image = pipeline.compose_stage("image_pretrain", [], str(tmp_path), None, ["stage.method=supervised"])
+    box = pipeline.compose_stage("box_pretrain", [], str(tmp_path), str(tmp_path / "image_pretrain"), [])
+    assert image.stage.method == "supervised"
+    assert box.stage.init_from == str(tmp_path / "image_pretrain")
+    assert "method" not in box.stage
+
+
+def test_stage_overrides_win_over_the_job_overrides_but_the_job_stage_keys_are_dropped(tmp_path):
+    cfg = pipeline.compose_stage(
+        "finetune", ["trainer.max_iters=7", "stage.init_from=/elsewhere"], str(tmp_path), None, ["trainer.log_every=3"]
+    )
+    assert (cfg.trainer.max_iters, cfg.trainer.log_every, cfg.stage.init_from) == (7, 3, None)
+
+
+def test_a_bad_stage_override_is_one_line_naming_the_stage(tmp_path):
+    with pytest.raises(UserError, match=r"^stage.overrides.finetune: \['stage.no_such_key=1'\]: ") as caught:
+        pipeline.compose_stage("finetune", [], str(tmp_path), None, ["stage.no_such_key=1"])
+    assert "\n" not in str(caught.value)
+
+
+def test_overrides_for_a_stage_the_pipeline_does_not_run_are_refused(tmp_path):
+    cfg = OmegaConf.create(
+        {
+            "seed": 0,
+            "paths": {"run_dir": str(tmp_path)},
+            "stage": {"stages": ["finetune", "eval"], "init_from": None, "overrides": {"box_pretrain": ["x=1"]}},
+        }
+    )
+    with pytest.raises(UserError, match=r"stage.overrides: stage\(s\) \['box_pretrain'\] are not in stage.stages"):
+        pipeline.run(cfg)
+    assert not (tmp_path / "pipeline.json").exists()
