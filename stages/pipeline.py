@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from omegaconf import DictConfig, open_dict
 
-from stages import get_stage
+from stages import STAGE_MODULES, get_stage
 from stages.common import read_summary, write_json
 from stages.engine.checkpoint import sha256_of
 from stages.errors import UserError
@@ -58,9 +58,11 @@ def run(cfg: DictConfig) -> dict:
     previous = cfg.stage.get("init_from")
     record = {"run_dir": run_dir, "stages": []}
     per_stage = cfg.stage.get("overrides") or {}
-    unknown = sorted(set(per_stage) - set(cfg.stage.stages))
+    # Overrides for a known stage this pipeline skips are ignored (the defaults name image_pretrain, which a
+    # shorter stage.stages may leave out); an unknown name is a typo.
+    unknown = sorted(set(per_stage) - set(STAGE_MODULES))
     if unknown:
-        raise UserError(f"stage.overrides: stage(s) {unknown} are not in stage.stages {list(cfg.stage.stages)}")
+        raise UserError(f"stage.overrides: unknown stage(s) {unknown}; expected names from {sorted(STAGE_MODULES)}")
     for name in cfg.stage.stages:
         stage_cfg = compose_stage(name, overrides, run_dir, previous, [str(o) for o in per_stage.get(name) or []])
         with open_dict(stage_cfg):
