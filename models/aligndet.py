@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,6 @@ from torch import Tensor, nn
 
 from models.align_outputs import AlignOutputs
 from models.detr_align import detr_align_drop_keys, detr_align_feature_dims, detr_align_outputs
-from stages.data.two_view import batch_unique_ids
 
 
 def box_contrastive_loss(q_feats: Tensor, q_ids: Tensor, k_feats: Tensor, k_ids: Tensor, temperature: float) -> Tensor:
@@ -88,6 +88,26 @@ def image_domain_backbone(detector: nn.Module) -> nn.Module:
         raise ValueError(f"AlignDet: {type(detector).__name__} has no `backbone` module to freeze")
     body = getattr(backbone, "body", None)
     return body if isinstance(body, nn.Module) else backbone
+
+
+def batch_unique_ids(targets1: Sequence[dict], targets2: Sequence[dict]) -> tuple[list[Tensor], list[Tensor]]:
+    """Per-image ids offset so they are unique across the batch and equal for the same region in both views.
+
+    Image i's ids are shifted by the number of id slots of images 0..i-1, where an image's slots are
+    1 + its largest id in either view (ids that only one view kept still get their own slot). Returns one
+    int64 tensor per image and view, on the ids' device.
+    """
+    if len(targets1) != len(targets2):
+        raise ValueError(f"batch_unique_ids: {len(targets1)} targets in view 1, {len(targets2)} in view 2")
+    ids1, ids2 = [], []
+    offset = 0
+    for target1, target2 in zip(targets1, targets2, strict=True):
+        a, b = target1["ids"], target2["ids"]
+        ids1.append(a + offset)
+        ids2.append(b + offset)
+        largest = max([int(a.max()) if len(a) else -1, int(b.max()) if len(b) else -1])
+        offset += largest + 1
+    return ids1, ids2
 
 
 class AlignDet(nn.Module):

@@ -6,7 +6,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from stages.errors import UserError, instantiate_or_user_error
+from stages.common import instantiate_or_user_error
+from stages.errors import UserError
 
 
 def selected_aux_heads(model_cfg: DictConfig, num_aux_heads: int | None = None) -> list[DictConfig]:

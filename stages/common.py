@@ -6,15 +6,30 @@ import json
 import logging
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from stages.engine.checkpoint import atomic_write_text
 from stages.engine.distributed import is_main_process
+from stages.errors import UserError
 
 log = logging.getLogger("detpipe")
+
+
+def instantiate_or_user_error(config: Any, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate`, letting a UserError raised by a constructor through as itself (Hydra wraps
+    every constructor error in a multi-line InstantiationException)."""
+    try:
+        return instantiate(config, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, UserError):
+            raise err.__cause__ from None
+        raise
 
 
 def stage_dir(cfg: DictConfig, name: str | None = None) -> Path:

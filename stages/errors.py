@@ -2,25 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
-
 
 class UserError(Exception):
     """A one-line message naming the file, the item and what was expected. run.py prints it without a traceback."""
-
-
-def instantiate_or_user_error(config: Any, **kwargs: Any) -> Any:
-    """`hydra.utils.instantiate`, letting a UserError raised by a constructor through as itself (Hydra wraps
-    every constructor error in a multi-line InstantiationException)."""
-    try:
-        return instantiate(config, **kwargs)
-    except InstantiationException as err:
-        if isinstance(err.__cause__, UserError):
-            raise err.__cause__ from None
-        raise
 
 
 def one_line(err: UserError) -> str:

@@ -19,13 +19,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from stages.backbone_import import load_into_backbone
-from stages.common import seed_everything, stage_dir, write_json
+from stages.common import instantiate_or_user_error, seed_everything, stage_dir, write_json
 from stages.data.build import build_dataset, build_loader
 from stages.data.ssl_views import TwoViewDataset
 from stages.engine.checkpoint import CHECKPOINT_NAME, LAST_NAME, load_into, save_checkpoint
 from stages.engine.distributed import init_distributed, is_distributed, is_main_process
 from stages.engine.trainer import Hook, Trainer, unwrap
-from stages.errors import UserError, instantiate_or_user_error
+from stages.errors import UserError
 
 log = logging.getLogger("detpipe")
 # The detector's attribute that holds the backbone: checkpoint keys are "<prefix>.<backbone key>".

@@ -3,7 +3,8 @@
 import pytest
 from torch.utils.data import DataLoader, Dataset
 
-from stages.errors import UserError, instantiate_or_user_error, one_line
+from stages.common import instantiate_or_user_error
+from stages.errors import UserError, one_line
 
 
 class BrokenDataset(Dataset):

@@ -177,26 +177,6 @@ def collate_two_view(
     return images1, targets1, images2, targets2
 
 
-def batch_unique_ids(targets1: Sequence[Target], targets2: Sequence[Target]) -> tuple[list[Tensor], list[Tensor]]:
-    """Per-image ids offset so they are unique across the batch and equal for the same region in both views.
-
-    Image i's ids are shifted by the number of id slots of images 0..i-1, where an image's slots are
-    1 + its largest id in either view (ids that only one view kept still get their own slot). Returns one
-    int64 tensor per image and view, on the ids' device.
-    """
-    if len(targets1) != len(targets2):
-        raise ValueError(f"batch_unique_ids: {len(targets1)} targets in view 1, {len(targets2)} in view 2")
-    ids1, ids2 = [], []
-    offset = 0
-    for target1, target2 in zip(targets1, targets2, strict=True):
-        a, b = target1["ids"], target2["ids"]
-        ids1.append(a + offset)
-        ids2.append(b + offset)
-        largest = max([int(a.max()) if len(a) else -1, int(b.max()) if len(b) else -1])
-        offset += largest + 1
-    return ids1, ids2
-
-
 def build_view_transforms(views_cfg: Any) -> Compose:
     """One view's pipeline from `stage.views`: resize (short side from `min_sizes`, long side at most
     `max_size`), horizontal flip with `flip_prob`, then photometric jitter (left out when all factors are 0).
