@@ -43,7 +43,7 @@ from omegaconf import DictConfig, open_dict  # noqa: E402
 
 from stages.build import build_model  # noqa: E402
 from stages.common import seed_everything  # noqa: E402
-from stages.data.build import build_dataset, build_loader  # noqa: E402
+from stages.data.build import build_dataset, build_train_loader  # noqa: E402
 from stages.engine.metrics import MetricsLogger  # noqa: E402
 from stages.engine.trainer import Hook, Trainer  # noqa: E402
 
@@ -112,15 +112,7 @@ def train(cfg: DictConfig) -> dict[str, float | None]:
     seed_everything(cfg.seed)
     dataset = build_dataset(cfg.data, "train", train=True, seed=cfg.seed)
     model = build_model(cfg.model, dataset.num_classes)
-    loader = build_loader(
-        dataset,
-        batch_size=cfg.trainer.batch_size,
-        num_workers=cfg.trainer.num_workers,
-        shuffle=True,
-        seed=cfg.seed,
-        distributed=False,
-        drop_last=len(dataset) >= cfg.trainer.batch_size,
-    )
+    loader = build_train_loader(dataset, cfg.trainer, cfg.seed, distributed=False)
     clock = LoopClock()
     stage_dir = Path(cfg.paths.run_dir) / "finetune"
     Trainer(cfg, model, loader, stage_dir, "finetune", torch.device(cfg.trainer.device), hooks=[clock]).train()

@@ -21,7 +21,7 @@ from torch import nn
 from models.aligndet import AlignDet
 from stages.build import build_model, validate_model_config
 from stages.common import seed_everything, stage_dir, write_json
-from stages.data.build import build_dataset, build_loader
+from stages.data.build import build_dataset, build_train_loader
 from stages.data.proposals import ProposalStats, load_or_compute_proposals
 from stages.data.two_view import build_two_view_dataset, collate_two_view
 from stages.engine.checkpoint import CHECKPOINT_NAME, LAST_NAME, load_into, save_checkpoint
@@ -129,16 +129,7 @@ def run(cfg: DictConfig) -> dict:
         log.warning("box_pretrain: stage.freeze_backbone=true without stage.init_from: the backbone stays random")
     model = build_aligndet(detector, cfg.stage)
 
-    loader = build_loader(
-        views,
-        batch_size=cfg.trainer.batch_size,
-        num_workers=cfg.trainer.num_workers,
-        shuffle=True,
-        seed=cfg.seed,
-        distributed=is_distributed(),
-        drop_last=len(views) >= cfg.trainer.batch_size,
-        collate_fn=collate_two_view,
-    )
+    loader = build_train_loader(views, cfg.trainer, cfg.seed, distributed=is_distributed(), collate_fn=collate_two_view)
     trainer = Trainer(
         cfg, model, loader, out, "box_pretrain", device, forward_fn=two_view_forward, hooks=[MomentumUpdate()]
     )

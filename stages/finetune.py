@@ -17,7 +17,7 @@ from omegaconf import DictConfig, open_dict
 from stages import evaluate
 from stages.build import build_model, validate_model_config
 from stages.common import read_json, read_summary, seed_everything, stage_dir, write_json
-from stages.data.build import build_dataset, build_loader
+from stages.data.build import build_dataset, build_train_loader
 from stages.engine.checkpoint import CHECKPOINT_NAME, LAST_NAME, load_into
 from stages.engine.distributed import init_distributed, is_distributed, is_main_process
 from stages.engine.trainer import Trainer
@@ -56,15 +56,7 @@ def run(cfg: DictConfig) -> dict:
         init = report.as_dict()
         write_json(out / INIT_REPORT, init)
 
-    loader = build_loader(
-        dataset,
-        batch_size=cfg.trainer.batch_size,
-        num_workers=cfg.trainer.num_workers,
-        shuffle=True,
-        seed=cfg.seed,
-        distributed=is_distributed(),
-        drop_last=len(dataset) >= cfg.trainer.batch_size,
-    )
+    loader = build_train_loader(dataset, cfg.trainer, cfg.seed, distributed=is_distributed())
     trainer = Trainer(cfg, model, loader, out, "finetune", device)
     result = trainer.train()
     summary = {

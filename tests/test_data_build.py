@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from stages.data.build import build_dataset, build_loader, collate_detection
+from stages.data.build import build_dataset, build_loader, build_train_loader, collate_detection
 from stages.data.subsets import fraction_indices
 from stages.errors import UserError
 
@@ -114,3 +114,11 @@ def test_coco_paths_are_relative_to_root_and_missing_folders_are_named(synthetic
     cfg.train_images = "train2017"
     with pytest.raises(UserError, match=r"^data\.train_images: .*train2017 is not a folder"):
         build_dataset(cfg, "train", train=False)
+
+
+def test_train_loader_keeps_whole_batches_unless_the_dataset_is_smaller_than_one(synthetic_cfg):
+    dataset = build_dataset(synthetic_cfg, "train", train=True)  # 20 images
+    trainer = OmegaConf.create({"batch_size": 6, "num_workers": 0})
+    assert [len(images) for images, _ in build_train_loader(dataset, trainer, seed=0, distributed=False)] == [6] * 3
+    small = torch.utils.data.Subset(dataset, range(4))
+    assert [len(images) for images, _ in build_train_loader(small, trainer, seed=0, distributed=False)] == [4]

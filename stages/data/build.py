@@ -112,3 +112,24 @@ def build_loader(
         drop_last=drop_last,
         persistent_workers=num_workers > 0,
     )
+
+
+def build_train_loader(
+    dataset: Dataset,
+    trainer_cfg: DictConfig,
+    seed: int,
+    distributed: bool,
+    collate_fn: Callable[[list], tuple] = collate_detection,
+) -> DataLoader:
+    """A training stage's shuffled loader from `trainer.batch_size` and `trainer.num_workers`: whole batches
+    only, unless the dataset is smaller than one batch (a tiny data fraction still trains)."""
+    return build_loader(
+        dataset,
+        batch_size=trainer_cfg.batch_size,
+        num_workers=trainer_cfg.num_workers,
+        shuffle=True,
+        seed=seed,
+        distributed=distributed,
+        drop_last=len(dataset) >= trainer_cfg.batch_size,
+        collate_fn=collate_fn,
+    )
