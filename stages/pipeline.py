@@ -46,9 +46,11 @@ def compose_stage(
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return compose(config_name="config", overrides=keep + extra)
     except HydraException as err:
-        # Only the pipeline's per-stage overrides can be new here: the job's own were checked at start-up.
+        # The job's own overrides were checked at start-up, so a failure comes from this stage's overrides, or
+        # from composing the stage itself (e.g. finetune's evaluation) when it has none.
         message = " ".join(str(err).split())
-        raise UserError(f"stage.overrides.{name}: {stage_overrides}: {message}") from None
+        where = f"stage.overrides.{name}: {stage_overrides}" if stage_overrides else f"stage {name}"
+        raise UserError(f"{where}: {message}") from None
 
 
 def run(cfg: DictConfig) -> dict:

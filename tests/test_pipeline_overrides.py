@@ -28,6 +28,13 @@ def test_a_bad_stage_override_is_one_line_naming_the_stage(tmp_path):
     assert "\n" not in str(caught.value)
 
 
+def test_a_stage_that_fails_to_compose_without_overrides_is_named_as_the_stage(tmp_path):
+    # finetune composes its eval stage with no per-stage overrides: the error must not blame them.
+    with pytest.raises(UserError, match=r"^stage eval: ") as caught:
+        pipeline.compose_stage("eval", ["trainer.no_such_key=1"], str(tmp_path), None)
+    assert "\n" not in str(caught.value)
+
+
 def test_overrides_for_an_unknown_stage_name_are_refused(tmp_path):
     cfg = OmegaConf.create(
         {
