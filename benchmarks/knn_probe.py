@@ -1,6 +1,6 @@
 """Quality of an image-domain backbone: k-NN accuracy on ground-truth object crops of the synthetic dataset.
 
-    python benchmarks/knn_probe.py --checkpoint RUN/image_pretrain [--checkpoint ...] [hydra overrides ...]
+    python benchmarks/knn_probe.py --checkpoint RUN/image_pretrain [--checkpoint ...] [--grayscale] [overrides ...]
 
 Every backbone (random initialisation, then each checkpoint: a file or a stage directory) embeds the train and
 val crops (global-average-pooled C5, L2-normalised); each val crop takes the label of a similarity-weighted vote
@@ -32,10 +32,20 @@ CONF_DIR = REPO / "conf"
 
 
 @torch.no_grad()
-def embed(backbone: torch.nn.Module, crops: GroundTruthCrops, mean: torch.Tensor, std: torch.Tensor, batch: int):
+def embed(
+    backbone: torch.nn.Module,
+    crops: GroundTruthCrops,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    batch: int,
+    grayscale: bool = False,
+):
     backbone.eval()
     feats, labels = [], []
     for images, targets in DataLoader(crops, batch_size=batch):
+        if grayscale:
+            # The classes differ in shape only: a grayscale probe shows whether colour is what a backbone matches.
+            images = images.mean(1, keepdim=True).expand_as(images)
         feats.append(F.normalize(pooled_features(backbone, (images - mean) / std), dim=1))
         labels.append(targets)
     return torch.cat(feats), torch.cat(labels)
@@ -56,6 +66,7 @@ def main() -> None:
     parser.add_argument("--crop-size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grayscale", action="store_true", help="probe on grayscale crops (colour removed)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. paths.data_dir=/tmp/data")
     args = parser.parse_args()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -75,11 +86,12 @@ def main() -> None:
         backbone = instantiate(cfg.model.detector.backbone)
         if source is not None:
             load_into(BackboneOnly(backbone), source)
-        train_x, train_y = embed(backbone, crops["train"], mean, std, args.batch)
-        val_x, val_y = embed(backbone, crops["val"], mean, std, args.batch)
+        train_x, train_y = embed(backbone, crops["train"], mean, std, args.batch, args.grayscale)
+        val_x, val_y = embed(backbone, crops["val"], mean, std, args.batch, args.grayscale)
         accuracy = knn_accuracy(train_x, train_y, val_x, val_y, args.k, num_classes, args.temperature)
         rows.append((source or "random init", accuracy))
-    print(f"\n{len(crops['train'])} train / {len(crops['val'])} val crops, {num_classes} classes, k={args.k}")
+    colour = "grayscale" if args.grayscale else "colour"
+    print(f"\n{len(crops['train'])} train / {len(crops['val'])} val {colour} crops, {num_classes} classes, k={args.k}")
     print(f"majority-class baseline: {100 * majority:.1f}%")
     print(f"{'backbone':<60}{'k-NN top-1 %':>14}")
     for name, accuracy in rows:
