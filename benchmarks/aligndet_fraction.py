@@ -2,14 +2,19 @@
 (a) the image-domain backbone only or (b) the box-pretrained detector, with the same fine-tuning budget.
 
     python benchmarks/aligndet_fraction.py --out DIR [--fractions 0.05 0.1 1.0] [--image-iters N] [--box-iters N]
-        [--finetune-iters N] [--data-dir DIR] [--image-args ...] [--box-args ...] [--finetune-args ...] [-- overrides]
+        [--finetune-iters N] [--data-dir DIR] [--backbone-labels all|fraction] [--image-args ...] [--box-args ...]
+        [--finetune-args ...] [-- overrides]
 
 Every step is a `python run.py` subprocess, in this order:
-1. `stage=image_pretrain` once (BYOL on the training images by default) -> DIR/pretrain/image_pretrain;
-2. `stage=box_pretrain stage.init_from=DIR/pretrain/image_pretrain` once -> DIR/pretrain/box_pretrain
+1. `stage=image_pretrain` (BYOL on the training images by default) -> DIR/pretrain/image_pretrain;
+2. `stage=box_pretrain stage.init_from=DIR/pretrain/image_pretrain` -> DIR/pretrain/box_pretrain
    (labels unused: AlignDet on all training images);
 3. for each fraction f and start s in {image, box}: `stage=finetune data.fraction=f stage.init_from=<s's dir>`
    then `stage=eval`, in DIR/<s>_f<f>/.
+With `--backbone-labels fraction`, steps 1 and 2 run once per fraction, in DIR/pretrain_f<f>/, and image_pretrain
+gets `data.fraction=f`: a supervised image-domain backbone then sees only the labels that fraction fine-tunes on,
+as in the paper, where the backbone never saw the detection labels. box_pretrain still reads every training image
+(it uses no labels). `all` (the default) pre-trains once on every image, labels included when the method uses them.
 The overrides after `--` go to every run (e.g. `model=co_deformable_detr trainer.batch_size=4`); --image-args,
 --box-args and --finetune-args go to that stage only (e.g. `--box-args trainer.optimizer.lr=1e-4`). A step whose
 summary.json already exists is reused, so an interrupted table resumes. Prints AP and AP50 (COCO, percent) per
@@ -43,6 +48,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--box-iters", type=int, required=True, help="box_pretrain iterations")
     p.add_argument("--finetune-iters", type=int, required=True, help="finetune iterations of every cell")
     p.add_argument("--data-dir", type=Path, default=None, help="paths.data_dir (default: the config's)")
+    p.add_argument(
+        "--backbone-labels",
+        choices=("all", "fraction"),
+        default="all",
+        help="image_pretrain on every training image (all) or on each fraction's images only (fraction)",
+    )
     p.add_argument("--image-args", nargs="*", default=[], help="overrides for image_pretrain only")
     p.add_argument("--box-args", nargs="*", default=[], help="overrides for box_pretrain only")
     p.add_argument("--finetune-args", nargs="*", default=[], help="overrides for finetune only")
@@ -72,22 +83,33 @@ def run_stage(stage: str, run_dir: Path, overrides: list[str], args: argparse.Na
     return json.loads(summary.read_text())
 
 
-def main(argv: list[str]) -> None:
-    args = parse_args(argv)
-    out = args.out.resolve()
-    pretrain = out / "pretrain"
-    run_stage("image_pretrain", pretrain, [f"trainer.max_iters={args.image_iters}", *args.image_args], args)
-    image_dir = pretrain / "image_pretrain"
+def pretrain(out: Path, fraction: float | None, args: argparse.Namespace) -> tuple[dict[str, Path], dict]:
+    """image_pretrain then box_pretrain into `out`; image_pretrain on `fraction` of the images when given.
+    Returns the init dir of each start and box_pretrain's summary."""
+    image_args = [] if fraction is None else [f"data.fraction={fraction}"]
+    run_stage("image_pretrain", out, [f"trainer.max_iters={args.image_iters}", *image_args, *args.image_args], args)
+    image_dir = out / "image_pretrain"
     box = run_stage(
         "box_pretrain",
-        pretrain,
+        out,
         [f"trainer.max_iters={args.box_iters}", f"stage.init_from={image_dir}", *args.box_args],
         args,
     )
-    inits = {"image": image_dir, "box": pretrain / "box_pretrain"}
+    return {"image": image_dir, "box": out / "box_pretrain"}, box
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    out = args.out.resolve()
+    if args.backbone_labels == "all":
+        shared = pretrain(out / "pretrain", None, args)
 
     rows = []
     for fraction in args.fractions:
+        if args.backbone_labels == "all":
+            inits, box = shared
+        else:
+            inits, box = pretrain(out / f"pretrain_f{fraction:g}", fraction, args)
         cell = {}
         for start in STARTS:
             run_dir = out / f"{start}_f{fraction:g}"
@@ -109,7 +131,8 @@ def main(argv: list[str]) -> None:
 
     lines = [
         f"box_pretrain: {box['iterations']} iterations on {box['num_train_images']} images; image_pretrain "
-        f"{args.image_iters}, finetune {args.finetune_iters} iterations per cell; overrides {args.common}",
+        f"{args.image_iters} iterations on the labels of {args.backbone_labels} images, finetune "
+        f"{args.finetune_iters} iterations per cell; overrides {args.common}",
         "",
         "| fraction | images | AP (a) image | AP (b) box | gain AP | AP50 (a) | AP50 (b) | gain AP50 |",
         "|---|---|---|---|---|---|---|---|",

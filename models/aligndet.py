@@ -130,6 +130,8 @@ class AlignDet(nn.Module):
             BatchNorm in eval mode (the reference runs it under no_grad with norm_eval).
         detr_all_layers: DETR branch only: label the matched queries of every decoder layer (the reference) or
             only the last.
+        detr_objectness: DETR branch only: also train the decoder class heads to score proposals as objects, and
+            keep them for fine-tuning (`models.detr_align`).
 
     forward(images1, targets1, images2, targets2) -> losses: the online detector's box losses on view 1 plus
     `align/loss_contrastive_<branch>` per branch. `update_momentum(progress)` after each optimiser step.
@@ -146,6 +148,7 @@ class AlignDet(nn.Module):
         contrastive_weight: float,
         freeze_backbone: bool,
         detr_all_layers: bool = True,
+        detr_objectness: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= base_momentum <= 1.0:
@@ -158,6 +161,7 @@ class AlignDet(nn.Module):
         self.contrastive_weight = float(contrastive_weight)
         self.freeze_backbone = bool(freeze_backbone)
         self.detr_all_layers = bool(detr_all_layers)
+        self.detr_objectness = bool(detr_objectness)
         self.feature_dims = self.align_feature_dims(detector)
         self.projectors = nn.ModuleDict(
             {
@@ -182,19 +186,20 @@ class AlignDet(nn.Module):
             return dict(detector.align_feature_dims())
         return detr_align_feature_dims(detector)
 
-    @staticmethod
-    def align_drop_keys(detector: nn.Module) -> list[str]:
+    def align_drop_keys(self, detector: nn.Module) -> list[str]:
         """State-dict substrings fine-tuning leaves out of the online detector's weights (its classifiers)."""
         if hasattr(detector, "align_drop_keys"):
             return list(detector.align_drop_keys())
-        return detr_align_drop_keys(detector)
+        return detr_align_drop_keys(detector, objectness=self.detr_objectness)
 
     def align_outputs(
         self, detector: nn.Module, images: list[Tensor], targets: list[dict[str, Tensor]], with_losses: bool
     ) -> AlignOutputs:
         if hasattr(detector, "align_outputs"):
             return detector.align_outputs(images, targets, with_losses)
-        return detr_align_outputs(detector, images, targets, with_losses, all_layers=self.detr_all_layers)
+        return detr_align_outputs(
+            detector, images, targets, with_losses, all_layers=self.detr_all_layers, objectness=self.detr_objectness
+        )
 
     # ---- training ----
 

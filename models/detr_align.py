@@ -5,8 +5,12 @@ Branches:
 - "detr": the decoder's box predictions are Hungarian-matched to the proposals with a box-only cost (the
   model's L1 and GIoU cost weights, no class cost: proposals have no class); the features are the decoder hidden
   states of the matched queries (every decoder layer, as the reference labels all six, or only the last); the
-  losses are the model's L1 and GIoU losses on every decoder layer (no classification loss: the projector replaces
-  the classifier) plus, for a two-stage model, its class-agnostic encoder-proposal losses (`*_enc`).
+  losses are the model's L1 and GIoU losses on every decoder layer plus, for a two-stage model, its class-agnostic
+  encoder-proposal losses (`*_enc`). With `objectness`, every decoder layer's class head also learns the proposals
+  as objects: each matched query is a positive of every class logit, the other queries negatives (the model's focal
+  loss, `detr/loss_objectness*`). Fine-tuning then keeps that head (see `detr_align_drop_keys`), so every class
+  starts from "proposal-like or not" instead of from the fresh head's uniform prior; without it the projector
+  replaces the classifier and the class heads are dropped.
 - "aux{i}_{name}" (Co-DETR): the multi-scale adapter and auxiliary head i run on the same encoder memory with the
   proposals as targets (labels 0); the head's own assigner picks its positives, whose features (`AuxPositives`)
   carry the id of the proposal they were assigned; the losses are the head's own minus its classification loss.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torchvision.ops import sigmoid_focal_loss
 
 from models.align_outputs import AlignOutputs
 from models.detr import DeformableDETR
@@ -69,11 +74,12 @@ def _classifier_prefixes(head: nn.Module) -> list[str]:
     raise TypeError(f"detr_align: no classifier known for auxiliary head {type(head).__name__}")
 
 
-def detr_align_drop_keys(model: nn.Module) -> list[str]:
-    """Substrings of the state-dict keys fine-tuning should not load: the class heads of every decoder layer and
-    the auxiliary heads' classifiers. The two-stage encoder's one-logit object head is kept (class-agnostic)."""
+def detr_align_drop_keys(model: nn.Module, objectness: bool = False) -> list[str]:
+    """Substrings of the state-dict keys fine-tuning should not load: the class heads of every decoder layer
+    (kept when they were pre-trained as objectness heads, `objectness`) and the auxiliary heads' classifiers. The
+    two-stage encoder's one-logit object head is kept (class-agnostic)."""
     model = _check_model(model)
-    keys = [f"class_embed.{layer}." for layer in range(len(model.class_embed))]
+    keys = [] if objectness else [f"class_embed.{layer}." for layer in range(len(model.class_embed))]
     for index, (_, head) in enumerate(_aux_heads(model)):
         keys += [f"aux_heads.{index}.{prefix}" for prefix in _classifier_prefixes(head)]
     return keys
@@ -87,6 +93,7 @@ def _detr_branch(
     ids: list[Tensor],
     with_losses: bool,
     all_layers: bool,
+    objectness: bool,
     out: AlignOutputs,
 ) -> None:
     matcher = box_only_matcher(model.criterion.matcher)
@@ -110,6 +117,10 @@ def _detr_branch(
             suffix = "" if layer == num_layers - 1 else f"_d{layer}"
             for name in ("loss_bbox", "loss_giou"):
                 out.losses[f"{DETR_BRANCH}/{name}{suffix}"] = losses[name]
+            if objectness:
+                out.losses[f"{DETR_BRANCH}/loss_objectness{suffix}"] = objectness_loss(
+                    model, decoded.logits[layer], indices, num_boxes
+                )
     out.features[DETR_BRANCH] = torch.cat(features)
     out.ids[DETR_BRANCH] = torch.cat(feature_ids)
     if with_losses and queries.enc_logits is not None:
@@ -119,6 +130,23 @@ def _detr_branch(
             queries.enc_logits, queries.enc_boxes, binary, num_boxes, queries.enc_valid
         )
         out.losses.update({f"{DETR_BRANCH}/{name}_enc": value for name, value in enc_losses.items()})
+
+
+def objectness_loss(
+    model: DeformableDETR, logits: Tensor, indices: list[tuple[Tensor, Tensor]], num_boxes: float
+) -> Tensor:
+    """The model's weighted focal loss with every class logit of a matched query as positive and every logit of
+    the other queries as negative; logits [B, Q, C], indices from the box-only matcher."""
+    criterion = model.criterion
+    logits = logits.float()
+    targets = torch.zeros_like(logits)
+    for image, (pred, _) in enumerate(indices):
+        targets[image, pred.to(logits.device)] = 1.0
+    focal = sigmoid_focal_loss(
+        logits, targets, alpha=criterion.focal_alpha, gamma=criterion.focal_gamma, reduction="sum"
+    )
+    # Normalised per class as well: the loss of one class head, whatever the number of classes.
+    return criterion.weights["loss_cls"] * focal / (num_boxes * logits.shape[-1])
 
 
 def _aux_branches(
@@ -161,12 +189,14 @@ def detr_align_outputs(
     targets: list[dict[str, Tensor]],
     with_losses: bool,
     all_layers: bool = True,
+    objectness: bool = False,
 ) -> AlignOutputs:
     """One view through a DeformableDETR (or CoDeformableDETR): branch features with proposal ids, and the box
     losses against the proposals when `with_losses`.
 
     targets: per image {"boxes" [N, 4] xyxy pixels of this view, "ids" int64 [N] (unique across the batch)}; any
-    "labels" are ignored. Each image needs N <= num_queries for every proposal to get a query (the matcher
+    "labels" are ignored. `objectness`: also train the decoder class heads on the proposals (module docstring).
+    Each image needs N <= num_queries for every proposal to get a query (the matcher
     pairs min(Q, N)). Runs the encoder once; the DETR branch and every auxiliary head read the same memory.
     """
     model = _check_model(model)
@@ -180,7 +210,9 @@ def detr_align_outputs(
     queries = model.initial_queries(encoded)
     decoded = model.decode_queries(encoded, queries.content, queries.pos, queries.reference)
     out = AlignOutputs()
-    _detr_branch(model, decoded, queries, model.normalise_targets(labelled, sizes), ids, with_losses, all_layers, out)
+    _detr_branch(
+        model, decoded, queries, model.normalise_targets(labelled, sizes), ids, with_losses, all_layers, objectness, out
+    )
     if _aux_heads(model):
         _aux_branches(model, encoded, sizes, targets, ids, with_losses, out)
     if with_losses:

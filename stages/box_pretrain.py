@@ -98,6 +98,7 @@ def build_aligndet(detector: nn.Module, stage_cfg: DictConfig) -> AlignDet:
         contrastive_weight=a.contrastive_weight,
         freeze_backbone=stage_cfg.freeze_backbone,
         detr_all_layers=a.detr_all_layers,
+        detr_objectness=a.detr_objectness,
     )
 
 

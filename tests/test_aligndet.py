@@ -229,6 +229,31 @@ def test_detr_drop_keys_name_the_class_heads_only():
     assert detr_align_feature_dims(model) == {"detr": model.transformer.d_model}
 
 
+def test_detr_objectness_trains_every_class_logit_on_the_matched_queries_and_keeps_the_class_heads():
+    model = tiny_detr()
+    images, targets = two_tiny_images()
+    proposals = proposal_targets([t["boxes"] for t in targets])
+    out = detr_align_outputs(model, images, proposals, True, all_layers=False, objectness=True)
+    names = {"detr/loss_objectness", "detr/loss_objectness_d0"}
+    assert names <= set(out.losses)
+    model.zero_grad()
+    out.losses["detr/loss_objectness"].backward()
+    last = model.class_embed[-1]
+    assert last.weight.grad is not None and last.weight.grad.abs().sum() > 0
+    # Every class has the same target, so permuting the classes of the heads leaves the loss unchanged (the
+    # box-only matching does not read the logits).
+    with torch.no_grad():
+        for head in model.class_embed:
+            head.weight.copy_(head.weight.flip(0))
+            head.bias.copy_(head.bias.flip(0))
+        permuted = detr_align_outputs(model, images, proposals, True, all_layers=False, objectness=True)
+    for name in names:
+        assert torch.allclose(permuted.losses[name], out.losses[name], rtol=1e-5)
+    without = detr_align_outputs(model, images, proposals, True, all_layers=False)
+    assert not names & set(without.losses)
+    assert not any(k.startswith("class_embed.") for k in detr_align_drop_keys(model, objectness=True))
+
+
 def test_two_stage_detr_also_trains_its_class_agnostic_encoder_proposals():
     model = tiny_detr(overrides=("model.detector.two_stage=true",))
     images, targets = two_tiny_images()
