@@ -10,7 +10,8 @@ Every step is a `python run.py` subprocess, in this order:
 2. `stage=box_pretrain stage.init_from=DIR/pretrain/image_pretrain` -> DIR/pretrain/box_pretrain
    (labels unused: AlignDet on all training images);
 3. for each fraction f and start s in {image, box}: `stage=finetune data.fraction=f stage.init_from=<s's dir>`
-   then `stage=eval`, in DIR/<s>_f<f>/.
+   then `stage=eval`, in DIR/<s>_f<f>/ (DIR/<s>_f<f>_it<n>/ when --finetune-iters lists several budgets: one row
+   per fraction and budget, to see how the gain changes with the fine-tuning length).
 With `--backbone-labels fraction`, steps 1 and 2 run once per fraction, in DIR/pretrain_f<f>/, and image_pretrain
 gets `data.fraction=f`: a supervised image-domain backbone then sees only the labels that fraction fine-tunes on,
 as in the paper, where the backbone never saw the detection labels. box_pretrain still reads every training image
@@ -46,7 +47,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.1, 1.0])
     p.add_argument("--image-iters", type=int, required=True, help="image_pretrain iterations")
     p.add_argument("--box-iters", type=int, required=True, help="box_pretrain iterations")
-    p.add_argument("--finetune-iters", type=int, required=True, help="finetune iterations of every cell")
+    p.add_argument(
+        "--finetune-iters", type=int, nargs="+", required=True, help="finetune iterations of every cell (one or more)"
+    )
     p.add_argument("--data-dir", type=Path, default=None, help="paths.data_dir (default: the config's)")
     p.add_argument(
         "--backbone-labels",
@@ -110,38 +113,39 @@ def main(argv: list[str]) -> None:
             inits, box = shared
         else:
             inits, box = pretrain(out / f"pretrain_f{fraction:g}", fraction, args)
-        cell = {}
-        for start in STARTS:
-            run_dir = out / f"{start}_f{fraction:g}"
-            ft = run_stage(
-                "finetune",
-                run_dir,
-                [
-                    f"data.fraction={fraction}",
-                    f"trainer.max_iters={args.finetune_iters}",
-                    f"stage.init_from={inits[start]}",
-                    *args.finetune_args,
-                ],
-                args,
-            )
-            run_stage("eval", run_dir, [f"stage.init_from={run_dir / 'finetune'}"], args)
-            metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())["bbox"]
-            cell[start] = (metrics["AP"], metrics["AP50"], ft["num_train_images"])
-        rows.append((fraction, cell))
+        for iters in args.finetune_iters:
+            cell = {}
+            for start in STARTS:
+                name = f"{start}_f{fraction:g}" + (f"_it{iters}" if len(args.finetune_iters) > 1 else "")
+                run_dir = out / name
+                ft = run_stage(
+                    "finetune",
+                    run_dir,
+                    [
+                        f"data.fraction={fraction}",
+                        f"trainer.max_iters={iters}",
+                        f"stage.init_from={inits[start]}",
+                        *args.finetune_args,
+                    ],
+                    args,
+                )
+                run_stage("eval", run_dir, [f"stage.init_from={run_dir / 'finetune'}"], args)
+                metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())["bbox"]
+                cell[start] = (metrics["AP"], metrics["AP50"], ft["num_train_images"])
+            rows.append((fraction, iters, cell))
 
     lines = [
         f"box_pretrain: {box['iterations']} iterations on {box['num_train_images']} images; image_pretrain "
-        f"{args.image_iters} iterations on the labels of {args.backbone_labels} images, finetune "
-        f"{args.finetune_iters} iterations per cell; overrides {args.common}",
+        f"{args.image_iters} iterations on the labels of {args.backbone_labels} images; overrides {args.common}",
         "",
-        "| fraction | images | AP (a) image | AP (b) box | gain AP | AP50 (a) | AP50 (b) | gain AP50 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| fraction | images | finetune iters | AP (a) image | AP (b) box | gain AP | AP50 (a) | AP50 (b) | gain AP50 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for fraction, cell in rows:
+    for fraction, iters, cell in rows:
         (ap_a, ap50_a, n), (ap_b, ap50_b, _) = cell["image"], cell["box"]
         lines.append(
-            f"| {fraction:g} | {n} | {ap_a:.1f} | {ap_b:.1f} | {ap_b - ap_a:+.1f} | {ap50_a:.1f} | {ap50_b:.1f} | "
-            f"{ap50_b - ap50_a:+.1f} |"
+            f"| {fraction:g} | {n} | {iters} | {ap_a:.1f} | {ap_b:.1f} | {ap_b - ap_a:+.1f} | {ap50_a:.1f} | "
+            f"{ap50_b:.1f} | {ap50_b - ap50_a:+.1f} |"
         )
     table = "\n".join(lines)
     print("\n" + table)
