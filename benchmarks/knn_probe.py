@@ -1,10 +1,13 @@
 """Quality of an image-domain backbone: k-NN accuracy on ground-truth object crops of the synthetic dataset.
 
-    python benchmarks/knn_probe.py --checkpoint RUN/image_pretrain [--checkpoint ...] [--grayscale] [overrides ...]
+    python benchmarks/knn_probe.py --checkpoint RUN/image_pretrain [--checkpoint ...] [--grayscale] [--linear]
+        [overrides ...]
 
 Every backbone (random initialisation, then each checkpoint: a file or a stage directory) embeds the train and
 val crops (global-average-pooled C5, L2-normalised); each val crop takes the label of a similarity-weighted vote
-of its k nearest train crops. Prints one row per backbone: top-1 accuracy and the majority-class baseline.
+of its k nearest train crops. With --linear, also a linear probe: L2-regularised logistic regression on the
+standardised features, fitted with L-BFGS on the train crops. Prints one row per backbone: top-1 accuracy and the
+majority-class baseline.
 """
 
 from __future__ import annotations
@@ -58,6 +61,25 @@ def knn_accuracy(train_x, train_y, val_x, val_y, k: int, num_classes: int, tempe
     return float((votes.argmax(1) == val_y).float().mean()) * 100
 
 
+def linear_probe_accuracy(train_x, train_y, val_x, val_y, num_classes: int, weight_decay: float, steps: int) -> float:
+    """Top-1 % of a logistic regression on features standardised with the train crops' statistics."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
+    weight = torch.zeros(train_x.shape[1], num_classes, requires_grad=True)
+    bias = torch.zeros(num_classes, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(train_x @ weight + bias, train_y) + weight_decay * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        return float(((val_x @ weight + bias).argmax(1) == val_y).float().mean()) * 100
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", action="append", default=[], help="image_pretrain checkpoint or stage dir")
@@ -67,6 +89,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grayscale", action="store_true", help="probe on grayscale crops (colour removed)")
+    parser.add_argument("--linear", action="store_true", help="also fit and report a linear probe")
+    parser.add_argument("--linear-weight-decay", type=float, default=1e-3)
+    parser.add_argument("--linear-steps", type=int, default=500, help="L-BFGS iterations of the linear probe")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. paths.data_dir=/tmp/data")
     args = parser.parse_args()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -89,13 +114,20 @@ def main() -> None:
         train_x, train_y = embed(backbone, crops["train"], mean, std, args.batch, args.grayscale)
         val_x, val_y = embed(backbone, crops["val"], mean, std, args.batch, args.grayscale)
         accuracy = knn_accuracy(train_x, train_y, val_x, val_y, args.k, num_classes, args.temperature)
-        rows.append((source or "random init", accuracy))
+        linear = (
+            linear_probe_accuracy(
+                train_x, train_y, val_x, val_y, num_classes, args.linear_weight_decay, args.linear_steps
+            )
+            if args.linear
+            else None
+        )
+        rows.append((source or "random init", accuracy, linear))
     colour = "grayscale" if args.grayscale else "colour"
     print(f"\n{len(crops['train'])} train / {len(crops['val'])} val {colour} crops, {num_classes} classes, k={args.k}")
     print(f"majority-class baseline: {100 * majority:.1f}%")
-    print(f"{'backbone':<60}{'k-NN top-1 %':>14}")
-    for name, accuracy in rows:
-        print(f"{str(name)[-60:]:<60}{accuracy:>14.1f}")
+    print(f"{'backbone':<60}{'k-NN top-1 %':>14}" + (f"{'linear top-1 %':>16}" if args.linear else ""))
+    for name, accuracy, linear in rows:
+        print(f"{str(name)[-60:]:<60}{accuracy:>14.1f}" + (f"{linear:>16.1f}" if linear is not None else ""))
 
 
 if __name__ == "__main__":
