@@ -1,12 +1,15 @@
 """How well a DETR-family checkpoint localises objects, whatever its class head says: the class-agnostic recall of
 the val ground-truth boxes by the boxes of all its queries (last decoder layer).
 
-    python benchmarks/box_recall.py --checkpoint RUN/box_pretrain [--checkpoint ...] [--iou 0.5 0.7] [overrides ...]
+    python benchmarks/box_recall.py --checkpoint RUN/box_pretrain [--checkpoint ...] [--iou 0.5 0.7] [--proposals]
+        [overrides ...]
 
 Box pre-training has no classes, so AP cannot say how far it got; this can. A ground-truth box counts as recalled
 at IoU t when some query's box overlaps it by at least t. Checkpoints are files or stage directories
 (image_pretrain, box_pretrain, finetune); tensors a checkpoint lacks (an image_pretrain's decoder) stay at their
-seeded initialisation, so an image_pretrain row is the untrained decoder's baseline.
+seeded initialisation, so an image_pretrain row is the untrained decoder's baseline. `--proposals` adds the same
+recall for the selective-search proposals box_pretrain trains on (stage=box_pretrain's settings and cache), on the
+train objects: the ceiling of what box pre-training can teach.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere, like run.py
 from models.detr import DeformableDETR  # noqa: E402
 from stages.build import build_model  # noqa: E402
 from stages.data.build import build_dataset  # noqa: E402
+from stages.data.proposals import load_or_compute_proposals  # noqa: E402
 from stages.engine.checkpoint import read_checkpoint, resolve_checkpoint  # noqa: E402
 
 CONF_DIR = REPO / "conf"
@@ -42,42 +46,70 @@ def query_boxes(model: DeformableDETR, image: torch.Tensor) -> torch.Tensor:
     return box_convert(decoded.boxes[-1, 0].float(), "cxcywh", "xyxy") * scale
 
 
-def recall(model: DeformableDETR, dataset, thresholds: list[float]) -> tuple[dict[float, float], int]:
-    """({t: % of ground-truth boxes recalled at IoU t}, number of ground-truth boxes)."""
+def recall(pairs, thresholds: list[float]) -> tuple[dict[float, float], int]:
+    """({t: % of ground-truth boxes recalled at IoU t}, number of ground-truth boxes) over (truth [N, 4],
+    candidates [M, 4]) pairs, xyxy in the same pixels."""
     hits = dict.fromkeys(thresholds, 0)
     total = 0
-    for index in range(len(dataset)):
-        image, target = dataset[index]
-        truth = target["boxes"].reshape(-1, 4)
-        if len(truth) == 0:
-            continue
-        best = box_iou(truth, query_boxes(model, image)).max(dim=1).values
+    for truth, candidates in pairs:
+        truth = truth.reshape(-1, 4)
         total += len(truth)
+        if len(truth) == 0 or len(candidates) == 0:
+            continue
+        best = box_iou(truth, candidates.reshape(-1, 4)).max(dim=1).values
         for t in thresholds:
             hits[t] += int((best >= t).sum())
     return {t: 100.0 * hits[t] / max(total, 1) for t in thresholds}, total
 
 
+def model_pairs(model: DeformableDETR, dataset):
+    for index in range(len(dataset)):
+        image, target = dataset[index]
+        yield target["boxes"], query_boxes(model, image)
+
+
+def proposal_pairs(cfg):
+    """(train objects, their image's cached proposals) in file pixels; computes the cache when missing."""
+    dataset = build_dataset(cfg.data, "train", train=False, seed=cfg.seed)
+    proposals, _ = load_or_compute_proposals(
+        dataset, cfg.stage.proposals, cfg.stage.proposals.cache_dir, cfg.stage.proposals.num_workers
+    )
+    for index, image_id in enumerate(dataset.image_ids):
+        boxes = proposals.get(image_id)
+        yield (
+            dataset.raw_target(index)["boxes"],
+            torch.as_tensor(boxes if boxes is not None else [], dtype=torch.float32),
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", action="append", required=True, help="checkpoint file or stage dir")
+    parser.add_argument("--checkpoint", action="append", default=[], help="checkpoint file or stage dir")
+    parser.add_argument("--proposals", action="store_true", help="also the selective-search proposals' recall")
     parser.add_argument("--iou", type=float, nargs="+", default=[0.5, 0.7])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. paths.data_dir=/tmp/data")
     args = parser.parse_args()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["paths.run_dir=/tmp/box_recall", *args.overrides])
+        cfg = compose(
+            config_name="config", overrides=["stage=box_pretrain", "paths.run_dir=/tmp/box_recall", *args.overrides]
+        )
     dataset = build_dataset(cfg.data, "val", train=False)
-    print(f"{'checkpoint':<60}" + "".join(f"{f'recall@{t:g} %':>14}" for t in args.iou))
+    print(f"{'boxes':<60}" + "".join(f"{f'recall@{t:g} %':>14}" for t in args.iou))
+    if args.proposals:
+        values, total = recall(proposal_pairs(cfg), args.iou)
+        name = f"selective-search proposals ({total} train objects)"
+        print(f"{name:<60}" + "".join(f"{values[t]:>14.1f}" for t in args.iou))
     for source in args.checkpoint:
         torch.manual_seed(args.seed)
         model = build_model(cfg.model, dataset.num_classes)
         if not isinstance(model, DeformableDETR):
             raise SystemExit(f"model {type(model).__name__}: box_recall reads DETR-family decoders only")
         model.load_state_dict(read_checkpoint(resolve_checkpoint(source))["model"], strict=False)
-        values, total = recall(model.eval(), dataset, args.iou)
+        values, total = recall(model_pairs(model.eval(), dataset), args.iou)
         print(f"{source[-60:]:<60}" + "".join(f"{values[t]:>14.1f}" for t in args.iou))
-    print(f"({total} val ground-truth boxes, all {model.num_queries} queries, class-agnostic)")
+    if args.checkpoint:
+        print(f"(checkpoints: {total} val ground-truth boxes, all {model.num_queries} queries, class-agnostic)")
 
 
 if __name__ == "__main__":
