@@ -196,8 +196,8 @@ def detr_align_outputs(
 
     targets: per image {"boxes" [N, 4] xyxy pixels of this view, "ids" int64 [N] (unique across the batch)}; any
     "labels" are ignored. `objectness`: also train the decoder class heads on the proposals (module docstring).
-    Each image needs N <= num_queries for every proposal to get a query (the matcher
-    pairs min(Q, N)). Runs the encoder once; the DETR branch and every auxiliary head read the same memory.
+    Each image needs N <= num_queries for every proposal to get a query (the matcher pairs min(Q, N)). Runs the
+    encoder once; the DETR branch and every auxiliary head read the same memory.
     """
     model = _check_model(model)
     device = model.pixel_mean.device
