@@ -2,7 +2,7 @@
 (a) the image-domain backbone only or (b) the box-pretrained detector, with the same fine-tuning budget.
 
     python benchmarks/aligndet_fraction.py --out DIR [--fractions 0.05 0.1 1.0] [--image-iters N] [--box-iters N]
-        [--finetune-iters N] [--data-dir DIR] [--backbone-labels all|fraction] [--image-args ...] [--box-args ...]
+        [--finetune-iters N [N ...]] [--data-dir DIR] [--backbone-labels all|fraction] [--image-args ...] [--box-args ...]
         [--finetune-args ...] [-- overrides]
 
 Every step is a `python run.py` subprocess, in this order:
