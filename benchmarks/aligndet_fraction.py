@@ -2,8 +2,8 @@
 (a) the image-domain backbone only or (b) the box-pretrained detector, with the same fine-tuning budget.
 
     python benchmarks/aligndet_fraction.py --out DIR [--fractions 0.05 0.1 1.0] [--image-iters N] [--box-iters N]
-        [--finetune-iters N [N ...]] [--data-dir DIR] [--backbone-labels all|fraction] [--image-args ...] [--box-args ...]
-        [--finetune-args ...] [-- overrides]
+        [--finetune-iters N [N ...]] [--data-dir DIR] [--backbone-labels all|fraction] [--image-args ...]
+        [--box-args ...] [--finetune-args ...] [-- overrides]
 
 Every step is a `python run.py` subprocess, in this order:
 1. `stage=image_pretrain` (BYOL on the training images by default) -> DIR/pretrain/image_pretrain;
