@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from torchvision.ops import box_convert, box_iou
+from torchvision.ops import box_iou
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from anywhere, like run.py
 
+from models.box_coding import denormalize_boxes  # noqa: E402
 from models.detr import DeformableDETR  # noqa: E402
 from stages.build import build_model  # noqa: E402
 from stages.data.build import build_dataset  # noqa: E402
@@ -41,9 +42,7 @@ def query_boxes(model: DeformableDETR, image: torch.Tensor) -> torch.Tensor:
     encoded = model.encode(tensor, mask)
     queries = model.initial_queries(encoded)
     decoded = model.decode_queries(encoded, queries.content, queries.pos, queries.reference)
-    height, width = sizes[0]
-    scale = torch.tensor([width, height, width, height], dtype=torch.float32)
-    return box_convert(decoded.boxes[-1, 0].float(), "cxcywh", "xyxy") * scale
+    return denormalize_boxes(decoded.boxes[-1, 0].float(), sizes[0])
 
 
 def recall(pairs, thresholds: list[float]) -> tuple[dict[float, float], int]:
