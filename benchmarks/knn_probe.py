@@ -7,7 +7,7 @@ Every backbone (random initialisation, then each checkpoint: a file or a stage d
 val crops (global-average-pooled C5, L2-normalised); each val crop takes the label of a similarity-weighted vote
 of its k nearest train crops. With --linear, also a linear probe: L2-regularised logistic regression on the
 standardised features, fitted with L-BFGS on the train crops. Prints one row per backbone: top-1 accuracy and the
-majority-class baseline.
+majority-class baseline, and the effective rank of the val features (`effective_rank`).
 """
 
 from __future__ import annotations
@@ -80,6 +80,15 @@ def linear_probe_accuracy(train_x, train_y, val_x, val_y, num_classes: int, weig
         return float(((val_x @ weight + bias).argmax(1) == val_y).float().mean()) * 100
 
 
+def effective_rank(features: torch.Tensor) -> float:
+    """exp(entropy) of the normalised singular values of the centred [N, C] feature matrix (Roy & Vetterli,
+    2007): 1 when every feature lies on one line, C when they spread evenly over all C directions. A backbone
+    whose features collapse onto a few directions shows it here before any probe does."""
+    singular = torch.linalg.svdvals(features - features.mean(0))
+    p = singular / singular.sum()
+    return float(torch.exp(-(p * p.clamp_min(1e-12).log()).sum()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", action="append", default=[], help="image_pretrain checkpoint or stage dir")
@@ -121,13 +130,15 @@ def main() -> None:
             if args.linear
             else None
         )
-        rows.append((source or "random init", accuracy, linear))
+        rows.append((source or "random init", accuracy, linear, effective_rank(val_x)))
     colour = "grayscale" if args.grayscale else "colour"
     print(f"\n{len(crops['train'])} train / {len(crops['val'])} val {colour} crops, {num_classes} classes, k={args.k}")
     print(f"majority-class baseline: {100 * majority:.1f}%")
-    print(f"{'backbone':<60}{'k-NN top-1 %':>14}" + (f"{'linear top-1 %':>16}" if args.linear else ""))
-    for name, accuracy, linear in rows:
-        print(f"{str(name)[-60:]:<60}{accuracy:>14.1f}" + (f"{linear:>16.1f}" if linear is not None else ""))
+    linear_header = f"{'linear top-1 %':>16}" if args.linear else ""
+    print(f"{'backbone':<60}{'k-NN top-1 %':>14}{linear_header}{'val eff. rank':>15}")
+    for name, accuracy, linear, rank in rows:
+        linear_cell = f"{linear:>16.1f}" if linear is not None else ""
+        print(f"{str(name)[-60:]:<60}{accuracy:>14.1f}{linear_cell}{rank:>15.1f}")
 
 
 if __name__ == "__main__":
