@@ -1,13 +1,14 @@
 """Quality of an image-domain backbone: k-NN accuracy on ground-truth object crops of the synthetic dataset.
 
     python benchmarks/knn_probe.py --checkpoint RUN/image_pretrain [--checkpoint ...] [--grayscale] [--linear]
-        [overrides ...]
+        [--recompute-bn] [overrides ...]
 
 Every backbone (random initialisation, then each checkpoint: a file or a stage directory) embeds the train and
 val crops (global-average-pooled C5, L2-normalised); each val crop takes the label of a similarity-weighted vote
 of its k nearest train crops. With --linear, also a linear probe: L2-regularised logistic regression on the
 standardised features, fitted with L-BFGS on the train crops. Prints one row per backbone: top-1 accuracy and the
-majority-class baseline, and the effective rank of the val features (`effective_rank`).
+majority-class baseline, and the effective rank of the val features (`effective_rank`). With --recompute-bn, every
+backbone's BatchNorm statistics are first re-estimated on the train crops.
 """
 
 from __future__ import annotations
@@ -52,6 +53,21 @@ def embed(
         feats.append(F.normalize(pooled_features(backbone, (images - mean) / std), dim=1))
         labels.append(targets)
     return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def recompute_batchnorm(backbone: torch.nn.Module, crops: GroundTruthCrops, mean, std, batch: int) -> None:
+    """Replace every BatchNorm's running statistics with their average over the batches of `crops` (precise BN),
+    so that a backbone is probed with statistics of the probe's own inputs instead of those of its training views
+    (or, at random initialisation, the identity: mean 0, variance 1)."""
+    norms = [m for m in backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over all batches
+    backbone.train()
+    for images, _ in DataLoader(crops, batch_size=batch):
+        backbone((images - mean) / std)
+    backbone.eval()
 
 
 def knn_accuracy(train_x, train_y, val_x, val_y, k: int, num_classes: int, temperature: float) -> float:
@@ -99,6 +115,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grayscale", action="store_true", help="probe on grayscale crops (colour removed)")
     parser.add_argument("--linear", action="store_true", help="also fit and report a linear probe")
+    parser.add_argument(
+        "--recompute-bn", action="store_true", help="re-estimate BatchNorm statistics on the train crops first"
+    )
     parser.add_argument("--linear-weight-decay", type=float, default=1e-3)
     parser.add_argument("--linear-steps", type=int, default=500, help="L-BFGS iterations of the linear probe")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. paths.data_dir=/tmp/data")
@@ -120,6 +139,8 @@ def main() -> None:
         backbone = instantiate(cfg.model.detector.backbone)
         if source is not None:
             load_into(BackboneOnly(backbone), source)
+        if args.recompute_bn:
+            recompute_batchnorm(backbone, crops["train"], mean, std, args.batch)
         train_x, train_y = embed(backbone, crops["train"], mean, std, args.batch, args.grayscale)
         val_x, val_y = embed(backbone, crops["val"], mean, std, args.batch, args.grayscale)
         accuracy = knn_accuracy(train_x, train_y, val_x, val_y, args.k, num_classes, args.temperature)
@@ -132,7 +153,10 @@ def main() -> None:
         )
         rows.append((source or "random init", accuracy, linear, effective_rank(val_x)))
     colour = "grayscale" if args.grayscale else "colour"
-    print(f"\n{len(crops['train'])} train / {len(crops['val'])} val {colour} crops, {num_classes} classes, k={args.k}")
+    bn = ", BatchNorm statistics re-estimated on the train crops" if args.recompute_bn else ""
+    print(
+        f"\n{len(crops['train'])} train / {len(crops['val'])} val {colour} crops, {num_classes} classes, k={args.k}{bn}"
+    )
     print(f"majority-class baseline: {100 * majority:.1f}%")
     linear_header = f"{'linear top-1 %':>16}" if args.linear else ""
     print(f"{'backbone':<60}{'k-NN top-1 %':>14}{linear_header}{'val eff. rank':>15}")
