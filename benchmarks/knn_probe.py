@@ -8,7 +8,7 @@ val crops (global-average-pooled C5, L2-normalised); each val crop takes the lab
 of its k nearest train crops. With --linear, also a linear probe: L2-regularised logistic regression on the
 standardised features, fitted with L-BFGS on the train crops. Prints one row per backbone: top-1 accuracy and the
 majority-class baseline, and the effective rank of the val features (`effective_rank`). With --recompute-bn, every
-backbone's BatchNorm statistics are first re-estimated on the train crops.
+backbone's BatchNorm statistics are first re-estimated on the train crops (grayscale ones with --grayscale).
 """
 
 from __future__ import annotations
@@ -35,6 +35,14 @@ from stages.image_pretrain import BackboneOnly  # noqa: E402
 CONF_DIR = REPO / "conf"
 
 
+def backbone_input(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, grayscale: bool) -> torch.Tensor:
+    """Crops in [0, 1] -> the normalised backbone input, in grayscale (still 3 channels) when `grayscale`."""
+    if grayscale:
+        # The classes differ in shape only: a grayscale probe shows whether colour is what a backbone matches.
+        images = images.mean(1, keepdim=True).expand_as(images)
+    return (images - mean) / std
+
+
 @torch.no_grad()
 def embed(
     backbone: torch.nn.Module,
@@ -47,26 +55,25 @@ def embed(
     backbone.eval()
     feats, labels = [], []
     for images, targets in DataLoader(crops, batch_size=batch):
-        if grayscale:
-            # The classes differ in shape only: a grayscale probe shows whether colour is what a backbone matches.
-            images = images.mean(1, keepdim=True).expand_as(images)
-        feats.append(F.normalize(pooled_features(backbone, (images - mean) / std), dim=1))
+        feats.append(F.normalize(pooled_features(backbone, backbone_input(images, mean, std, grayscale)), dim=1))
         labels.append(targets)
     return torch.cat(feats), torch.cat(labels)
 
 
 @torch.no_grad()
-def recompute_batchnorm(backbone: torch.nn.Module, crops: GroundTruthCrops, mean, std, batch: int) -> None:
+def recompute_batchnorm(
+    backbone: torch.nn.Module, crops: GroundTruthCrops, mean, std, batch: int, grayscale: bool = False
+) -> None:
     """Replace every BatchNorm's running statistics with their average over the batches of `crops` (precise BN),
     so that a backbone is probed with statistics of the probe's own inputs instead of those of its training views
-    (or, at random initialisation, the identity: mean 0, variance 1)."""
+    (or, at random initialisation, the identity: mean 0, variance 1). The inputs are those `embed` gives it."""
     norms = [m for m in backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None  # cumulative average over all batches
     backbone.train()
     for images, _ in DataLoader(crops, batch_size=batch):
-        backbone((images - mean) / std)
+        backbone(backbone_input(images, mean, std, grayscale))
     backbone.eval()
 
 
@@ -140,7 +147,7 @@ def main() -> None:
         if source is not None:
             load_into(BackboneOnly(backbone), source)
         if args.recompute_bn:
-            recompute_batchnorm(backbone, crops["train"], mean, std, args.batch)
+            recompute_batchnorm(backbone, crops["train"], mean, std, args.batch, args.grayscale)
         train_x, train_y = embed(backbone, crops["train"], mean, std, args.batch, args.grayscale)
         val_x, val_y = embed(backbone, crops["val"], mean, std, args.batch, args.grayscale)
         accuracy = knn_accuracy(train_x, train_y, val_x, val_y, args.k, num_classes, args.temperature)
