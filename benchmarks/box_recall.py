@@ -30,7 +30,7 @@ from models.detr import DeformableDETR  # noqa: E402
 from stages.build import build_model  # noqa: E402
 from stages.data.build import build_dataset  # noqa: E402
 from stages.data.proposals import load_or_compute_proposals  # noqa: E402
-from stages.engine.checkpoint import read_checkpoint, resolve_checkpoint  # noqa: E402
+from stages.engine.checkpoint import load_into  # noqa: E402
 
 CONF_DIR = REPO / "conf"
 
@@ -104,7 +104,8 @@ def main() -> None:
         model = build_model(cfg.model, dataset.num_classes)
         if not isinstance(model, DeformableDETR):
             raise SystemExit(f"model {type(model).__name__}: box_recall reads DETR-family decoders only")
-        model.load_state_dict(read_checkpoint(resolve_checkpoint(source))["model"], strict=False)
+        # Tensors the checkpoint lacks or drops (pre-training's class heads) keep their seeded initialisation.
+        load_into(model, source)
         values, total = recall(model_pairs(model.eval(), dataset), args.iou)
         print(f"{source[-60:]:<60}" + "".join(f"{values[t]:>14.1f}" for t in args.iou))
     if args.checkpoint:
