@@ -1,15 +1,20 @@
-"""BYOL self-supervised pre-training of a backbone on unlabelled images (its two-crop augmentation and
-dataset are in `stages/data/ssl_views.py`).
+"""Self-supervised pre-training of a backbone on unlabelled images: MoCo v3 (the default) and BYOL. Their two-crop
+augmentation and the view datasets (whole images, or selective-search proposal crops) are in
+`stages/data/ssl_views.py`.
 
-BYOL (Grill et al., 2020) rather than MoCo: BYOL has no negatives, so it needs neither MoCo's large queue of
-negative keys nor SimCLR-style large batches. That suits this pipeline's small CPU batches (2-16 images), where a
-contrastive loss would see almost no negatives per step.
+Both methods share one body (`MomentumSSL`): an online network (encoder -> global average pool -> projector MLP
+-> predictor MLP) and a momentum target network (an EMA copy of encoder + projector) run on both views in one
+pass; the target's momentum `tau` rises from `base_momentum` to `final_momentum` on a cosine schedule over
+training, and the train loop calls `update_target(progress)` after every optimiser step. They differ only in
+the loss between the online predictions p1, p2 and the target projections z1, z2:
 
-Method: an online network (encoder -> global average pool -> projector MLP -> predictor MLP) regresses the
-projection of a momentum target network (an EMA copy of encoder + projector) computed on the other view. The loss
-is the normalised MSE `2 - 2 cos(p, z)`, symmetrised over the two views. The target's momentum `tau` rises from
-`base_momentum` to `final_momentum` on a cosine schedule over training; the train loop calls
-`update_target(progress)` after every optimiser step.
+- BYOL (Grill et al., 2020): normalised MSE `2 - 2 cos(p, z)` to the other view's target, symmetrised. No
+  negatives. On this repository's small synthetic images its features collapse onto fewer and fewer directions
+  as it trains (README "Measured").
+- MoCo v3 (Chen, Xie and He, 2021): InfoNCE with temperature T between p1 and all z2 of the batch (the positive
+  is the same image's), symmetrised and scaled by 2T: `2T [CE(p1 z2^T / T) + CE(p2 z1^T / T)]`. The negatives
+  are the other images of the batch (of every process under DDP), so no queue is needed. It is the method that
+  improved with training here, on proposal crops.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -51,7 +57,8 @@ def encoder_out_dim(encoder: nn.Module, feature_dim: int | None) -> int:
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
-    """BYOL's projector / predictor: Linear -> BatchNorm1d -> ReLU -> Linear."""
+    """The projector / predictor: Linear -> BatchNorm1d -> ReLU -> Linear (BYOL's; MoCo v3's ResNet MLPs have
+    one more hidden layer and a BatchNorm after the last Linear)."""
     return nn.Sequential(
         nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)
     )
@@ -68,13 +75,13 @@ def cosine_momentum(progress: float, base: float, final: float) -> float:
     return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
 
 
-class BYOL(nn.Module):
-    """BYOL around a given encoder; `encoder` is kept as `online_encoder` (the same object) so the caller can
-    save its weights after training.
+class MomentumSSL(nn.Module):
+    """Online and momentum networks around a given encoder; `encoder` is kept as `online_encoder` (the same
+    object) so the caller can save its weights after training. Subclasses define `loss(p1, p2, z1, z2)`.
 
     forward(view1, view2): two augmentations of the same images, float [B, 3, H, W] in [0, 1] (normalised
-    here with `pixel_mean` / `pixel_std`); returns {"ssl/loss": symmetric normalised MSE}. Batch size must be
-    at least 2 in training (BatchNorm in the MLPs).
+    here with `pixel_mean` / `pixel_std`); returns {"ssl/loss": the method's loss}. Batch size must be at least
+    2 in training (BatchNorm in the MLPs).
     """
 
     def __init__(
@@ -113,7 +120,10 @@ class BYOL(nn.Module):
             targets = self.target_projector(pooled_features(self.target_encoder, images))
         p1, p2 = predictions.chunk(2)
         z1, z2 = targets.chunk(2)
-        return {"ssl/loss": normalized_mse(p1, z2) + normalized_mse(p2, z1)}
+        return {"ssl/loss": self.loss(p1, p2, z1, z2)}
+
+    def loss(self, p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define loss(p1, p2, z1, z2)")
 
     def momentum(self, progress: float) -> float:
         return cosine_momentum(progress, self.base_momentum, self.final_momentum)
@@ -131,3 +141,43 @@ class BYOL(nn.Module):
             for p_online, p_target in zip(online.parameters(), target.parameters(), strict=True):
                 p_target.lerp_(p_online.detach(), 1.0 - tau)
         return tau
+
+
+class BYOL(MomentumSSL):
+    """BYOL: symmetric normalised MSE between each view's prediction and the other view's target projection."""
+
+    def loss(self, p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor) -> Tensor:
+        return normalized_mse(p1, z2) + normalized_mse(p2, z1)
+
+
+def gather_batch(tensor: Tensor) -> tuple[Tensor, int]:
+    """(the rows of every process concatenated in rank order, offset of this process's rows in it). No gradient
+    flows through the gather: it is used on the target network's projections only."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor, 0
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts), dist.get_rank() * tensor.shape[0]
+
+
+def info_nce(queries: Tensor, keys: Tensor, temperature: float) -> Tensor:
+    """MoCo v3's contrastive loss: cross-entropy of the cosine similarities / T of each query to every key of the
+    (gathered) batch, the positive being the key of the same image; scaled by 2T as in the paper."""
+    queries = F.normalize(queries, dim=1)
+    keys, offset = gather_batch(F.normalize(keys.detach(), dim=1))
+    logits = queries @ keys.T / temperature
+    labels = torch.arange(queries.shape[0], device=queries.device) + offset
+    return 2 * temperature * F.cross_entropy(logits, labels)
+
+
+class MoCoV3(MomentumSSL):
+    """MoCo v3: InfoNCE between each view's prediction and the other view's target projections of the batch."""
+
+    def __init__(self, encoder: nn.Module, temperature: float, **kwargs):
+        super().__init__(encoder, **kwargs)
+        if temperature <= 0:
+            raise ValueError(f"temperature: expected > 0, got {temperature}")
+        self.temperature = float(temperature)
+
+    def loss(self, p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor) -> Tensor:
+        return info_nce(p1, z2, self.temperature) + info_nce(p2, z1, self.temperature)

@@ -22,7 +22,7 @@ from models.aligndet import AlignDet
 from stages.build import build_model, validate_model_config
 from stages.common import seed_everything, stage_dir, write_json
 from stages.data.build import build_dataset, build_train_loader
-from stages.data.proposals import ProposalStats, load_or_compute_proposals
+from stages.data.proposals import proposals_main_first
 from stages.data.two_view import build_two_view_dataset, collate_two_view
 from stages.engine.checkpoint import CHECKPOINT_NAME, LAST_NAME, load_into, save_checkpoint
 from stages.engine.distributed import barrier, init_distributed, is_distributed, is_main_process
@@ -42,17 +42,6 @@ def two_view_forward(model: nn.Module, batch, device: torch.device) -> dict[str,
     """A `collate_two_view` batch (images1, targets1, images2, targets2) through AlignDet."""
     images1, targets1, images2, targets2 = to_device(batch, device)
     return model(images1, targets1, images2, targets2)
-
-
-def proposals_main_first(dataset, proposals_cfg: DictConfig) -> tuple[dict, ProposalStats]:
-    """The main process computes (or reads) the cache first; the other ranks then read it."""
-    args = (dataset, proposals_cfg, proposals_cfg.cache_dir, proposals_cfg.num_workers)
-    if is_main_process():
-        result = load_or_compute_proposals(*args)
-    barrier()
-    if not is_main_process():
-        result = load_or_compute_proposals(*args)
-    return result
 
 
 def proposal_limit(detector: nn.Module, max_per_image: int | None) -> int | None:

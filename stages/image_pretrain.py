@@ -1,6 +1,7 @@
 """image_pretrain: the backbone that box_pretrain and finetune start from.
 
-`stage.method`: `self_supervised` (BYOL on the training images, labels unused), `supervised` (classification of
+`stage.method`: `self_supervised` (MoCo v3 or BYOL on the training images' selective-search proposal crops, or on
+the whole images; labels unused), `supervised` (classification of
 the ground-truth object crops, or of the images of a local ImageFolder when `stage.supervised.image_folder` is set)
 or `import` (weights already on disk: torchvision, timm, detectron2, MoCo, BYOL).
 Whatever the method, `checkpoint.pth` holds the backbone alone under the detector's names (`backbone.body.*`), so
@@ -21,7 +22,8 @@ from torch.utils.data import Dataset
 from stages.backbone_import import load_into_backbone
 from stages.common import instantiate_or_user_error, seed_everything, stage_dir, write_json
 from stages.data.build import build_dataset, build_loader
-from stages.data.ssl_views import TwoViewDataset
+from stages.data.proposals import proposals_main_first
+from stages.data.ssl_views import ProposalCropViews, TwoViewDataset
 from stages.engine.checkpoint import CHECKPOINT_NAME, LAST_NAME, load_into, save_checkpoint
 from stages.engine.distributed import init_distributed, is_distributed, is_main_process
 from stages.engine.trainer import Hook, Trainer, unwrap
@@ -30,6 +32,8 @@ from stages.errors import UserError
 log = logging.getLogger("detpipe")
 # The detector's attribute that holds the backbone: checkpoint keys are "<prefix>.<backbone key>".
 BACKBONE_PREFIX = "backbone"
+# stage.self_supervised.algorithm: the keys of stage.self_supervised that hold each method's model.
+SSL_ALGORITHMS = ("mocov3", "byol")
 
 
 class BackboneOnly(nn.Module):
@@ -41,7 +45,7 @@ class BackboneOnly(nn.Module):
 
 
 class TargetUpdate(Hook):
-    """BYOL's momentum update after every optimisation step, on a cosine schedule over the run."""
+    """The momentum encoder's update after every optimisation step, on a cosine schedule over the run."""
 
     def after_step(self, trainer: Trainer) -> None:
         unwrap(trainer.model).update_target(trainer.iter / trainer.max_iters)
@@ -82,14 +86,27 @@ def build_training(cfg: DictConfig, backbone: nn.Module) -> tuple[nn.Module, Dat
     if method == "supervised" and cfg.stage.supervised.image_folder:
         crops = instantiate_or_user_error(cfg.stage.supervised.folder_crops, root=cfg.stage.supervised.image_folder)
         return classifier_training(cfg, backbone, crops, f"image_folder: {crops.root}")
-    # Labels are unused by BYOL; both methods read plain images (no detection transforms).
+    # Labels are unused by the self-supervised method; both methods read plain images (no detection transforms).
     dataset = build_dataset(cfg.data, "train", train=False, seed=cfg.seed)
     if method == "supervised":
         crops = instantiate_or_user_error(cfg.stage.supervised.crops, source=dataset)
         return classifier_training(cfg, backbone, crops, "ground_truth_crops")
-    views = TwoViewDataset(dataset, instantiate(cfg.stage.byol.augmentation))
-    model = instantiate(cfg.stage.byol.model, encoder=backbone)
-    return model, views, [TargetUpdate()], {"input": "train_images", "num_items": len(views)}
+    ssl = cfg.stage.self_supervised
+    if ssl.algorithm not in SSL_ALGORITHMS:
+        raise UserError(
+            f"stage.self_supervised.algorithm: unknown {ssl.algorithm!r}; expected one of {', '.join(SSL_ALGORITHMS)}"
+        )
+    transform = instantiate(ssl.augmentation)
+    if ssl.views == "proposals":
+        proposals, _ = proposals_main_first(dataset, cfg.stage.proposals)
+        views = ProposalCropViews(dataset, proposals, ssl.crop_context, transform)
+    elif ssl.views == "images":
+        views = TwoViewDataset(dataset, transform)
+    else:
+        raise UserError(f"stage.self_supervised.views: unknown {ssl.views!r}; expected proposals or images")
+    model = instantiate(ssl[ssl.algorithm], encoder=backbone)
+    source = {"input": f"train_{ssl.views}", "algorithm": ssl.algorithm, "num_items": len(views)}
+    return model, views, [TargetUpdate()], source
 
 
 def run(cfg: DictConfig) -> dict:

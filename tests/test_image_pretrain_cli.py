@@ -11,16 +11,29 @@ import torchvision
 from tests.conftest import run_cli
 
 
-@pytest.mark.parametrize("method", ["self_supervised", "supervised"])
-def test_image_pretrain_trains_a_backbone_checkpoint(method, tmp_path, data_dir):
-    proc = run_cli(["experiment=smoke", "stage=image_pretrain", f"stage.method={method}"], tmp_path, data_dir)
+@pytest.mark.parametrize(
+    ("method", "extra", "expected_input"),
+    [
+        ("self_supervised", [], "train_proposals"),  # the default: MoCo v3 on proposal crops
+        (
+            "self_supervised",
+            ["stage.self_supervised.algorithm=byol", "stage.self_supervised.views=images"],
+            "train_images",
+        ),
+        ("supervised", [], "ground_truth_crops"),
+    ],
+)
+def test_image_pretrain_trains_a_backbone_checkpoint(method, extra, expected_input, tmp_path, data_dir):
+    proc = run_cli(["experiment=smoke", "stage=image_pretrain", f"stage.method={method}", *extra], tmp_path, data_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(tmp_path / "image_pretrain" / "checkpoint.pth", weights_only=False)
     assert ckpt["stage"] == "image_pretrain"
     assert ckpt["model"] and all(k.startswith("backbone.body.") for k in ckpt["model"])
     summary = json.loads((tmp_path / "image_pretrain" / "summary.json").read_text())
     assert summary["iterations"] == 6 and summary["method"] == method
-    assert summary["input"] == {"self_supervised": "train_images", "supervised": "ground_truth_crops"}[method]
+    assert summary["input"] == expected_input
+    if method == "self_supervised":
+        assert summary["algorithm"] == ("byol" if extra else "mocov3") and summary["num_items"] > 0
 
 
 def test_imported_torchvision_weights_reach_finetune(tmp_path, data_dir):

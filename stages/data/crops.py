@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -20,11 +21,17 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms.v2 import functional as TF
 
-from stages.data.ssl_views import image_to_chw
 from stages.errors import UserError
 
 # What PIL raises for a file it cannot identify or decode (truncated data, bad header, oversized image).
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def image_to_chw(image: np.ndarray | Tensor) -> Tensor:
+    """HxWx3 uint8 numpy (a dataset's `load_image`) or a CHW tensor -> CHW tensor."""
+    if isinstance(image, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    return image
 
 
 def context_box(box: Sequence[float], context: float, height: int, width: int) -> tuple[int, int, int, int]:

@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from stages.engine.distributed import barrier, is_main_process
 from stages.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -398,3 +399,14 @@ def load_or_compute_proposals(
             "stage.proposals.min_size or raise max_area_ratio"
         )
     return proposals, stats
+
+
+def proposals_main_first(dataset, proposals_cfg: Mapping[str, Any]) -> tuple[dict, ProposalStats]:
+    """The main process computes (or reads) the cache first; the other ranks then read it."""
+    args = (dataset, proposals_cfg, proposals_cfg["cache_dir"], proposals_cfg["num_workers"])
+    if is_main_process():
+        result = load_or_compute_proposals(*args)
+    barrier()
+    if not is_main_process():
+        result = load_or_compute_proposals(*args)
+    return result

@@ -1,12 +1,13 @@
-"""BYOL's two-crop augmentation and the dataset that turns plain images into (view1, view2) pairs.
+"""The two-crop augmentation of image-level self-supervised learning and the datasets that turn plain images, or
+their selective-search proposal crops, into (view1, view2) pairs.
 
-Used by image_pretrain's self-supervised method (`models.ssl.BYOL`); the box-domain two-view mapping of AlignDet
+Used by image_pretrain's self-supervised method (`models.ssl`); the box-domain two-view mapping of AlignDet
 is a different thing and lives in `stages/data/two_view.py`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -14,12 +15,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-
-def image_to_chw(image: np.ndarray | Tensor) -> Tensor:
-    """HxWx3 uint8 numpy (a dataset's `load_image`) or a CHW tensor -> CHW tensor."""
-    if isinstance(image, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-    return image
+from stages.data.crops import context_box, image_to_chw
 
 
 class TwoCropTransform:
@@ -84,3 +80,36 @@ class TwoViewDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         return self.transform(self.source.load_image(index))
+
+
+class ProposalCropViews(Dataset):
+    """One item per unsupervised box proposal of `source`: the proposal's crop (with `context` x its size kept on
+    every side) as a (view1, view2) pair of `transform`. Labels are never read.
+
+    Whole-image views of the small synthetic images share too little for instance discrimination to learn
+    (MoCo v3's loss stays at chance, README "Measured"); a proposal crop is one object-like region, so both
+    views see the same thing, as in object-centric pre-training (SoCo, DetCon).
+
+    `proposals` maps image id -> boxes (xyxy pixels of the file), as `stages.data.proposals` returns them;
+    images without proposals give no items."""
+
+    def __init__(self, source, proposals: Mapping, context: float, transform: TwoCropTransform):
+        if context < 0:
+            raise ValueError(f"context: expected >= 0, got {context}")
+        self.source = source
+        self.context = float(context)
+        self.transform = transform
+        self.items = [
+            (index, tuple(float(v) for v in box))
+            for index, image_id in enumerate(source.image_ids)
+            for box in np.asarray(proposals.get(image_id, []), dtype=np.float64).reshape(-1, 4)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        image_index, box = self.items[index]
+        image = image_to_chw(self.source.load_image(image_index))
+        top, left, height, width = context_box(box, self.context, image.shape[-2], image.shape[-1])
+        return self.transform(image[:, top : top + height, left : left + width])
