@@ -1,10 +1,13 @@
 """The pipeline's per-stage overrides (stage.overrides.<name>)."""
 
+import re
+
 import pytest
 from omegaconf import OmegaConf
 
 from stages import pipeline
 from stages.errors import UserError
+from tests.conftest import ROOT, compose_config
 
 
 def test_stage_overrides_reach_only_their_stage(tmp_path):
@@ -46,3 +49,18 @@ def test_overrides_for_an_unknown_stage_name_are_refused(tmp_path):
     with pytest.raises(UserError, match=r"stage.overrides: unknown stage\(s\) \['box_pretrian'\]"):
         pipeline.run(cfg)
     assert not (tmp_path / "pipeline.json").exists()
+
+
+def test_the_readme_per_stage_override_example_parses():
+    # The README's command must survive Hydra's override grammar (an unquoted `=` inside a list does not).
+    readme = (ROOT / "README.md").read_text()
+    found = re.search(r"`python run\.py '(stage\.overrides\.image_pretrain=\[[^']*\])'`", readme)
+    assert found, "README: the stage.overrides.image_pretrain example is missing"
+    cfg = compose_config([found.group(1)])
+    assert list(cfg.stage.overrides.image_pretrain) == ["stage.method=import", "stage.weights=r18.pth"]
+
+
+def test_every_training_and_eval_stage_takes_overrides_without_a_plus():
+    cfg = compose_config(['stage.overrides.finetune=["data.fraction=0.1"]'])
+    assert list(cfg.stage.overrides.finetune) == ["data.fraction=0.1"]
+    assert set(cfg.stage.overrides) == {"image_pretrain", "box_pretrain", "finetune", "eval"}
