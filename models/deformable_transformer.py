@@ -79,10 +79,17 @@ class EncoderLayer(nn.Module):
     """Deformable self-attention over all levels + FFN, post-norm."""
 
     def __init__(
-        self, d_model: int, num_heads: int, dim_feedforward: int, dropout: float, num_levels: int, num_points: int
+        self,
+        d_model: int,
+        num_heads: int,
+        dim_feedforward: int,
+        dropout: float,
+        num_levels: int,
+        num_points: int,
+        msda_backend: str = "auto",
     ) -> None:
         super().__init__()
-        self.self_attn = MSDeformAttn(d_model, num_levels, num_heads, num_points)
+        self.self_attn = MSDeformAttn(d_model, num_levels, num_heads, num_points, backend=msda_backend)
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(d_model)
         self.ffn = _FFN(d_model, dim_feedforward, dropout)
@@ -98,13 +105,20 @@ class DecoderLayer(nn.Module):
     """Self-attention among the queries, deformable cross-attention into the memory, FFN; post-norm."""
 
     def __init__(
-        self, d_model: int, num_heads: int, dim_feedforward: int, dropout: float, num_levels: int, num_points: int
+        self,
+        d_model: int,
+        num_heads: int,
+        dim_feedforward: int,
+        dropout: float,
+        num_levels: int,
+        num_points: int,
+        msda_backend: str = "auto",
     ) -> None:
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
-        self.cross_attn = MSDeformAttn(d_model, num_levels, num_heads, num_points)
+        self.cross_attn = MSDeformAttn(d_model, num_levels, num_heads, num_points, backend=msda_backend)
         self.dropout2 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
         self.ffn = _FFN(d_model, dim_feedforward, dropout)
@@ -138,6 +152,8 @@ class DeformableTransformer(nn.Module):
         dropout: dropout in attention outputs and FFNs.
         num_feature_levels: number of input maps (each gets a learned level embedding).
         num_points: sampling points per head and level in deformable attention.
+        msda_backend: deformable attention's sampling, "auto", "pytorch" (grid_sample) or "triton" (see
+            models/ms_deform_attn.py).
     """
 
     def __init__(
@@ -150,14 +166,19 @@ class DeformableTransformer(nn.Module):
         dropout: float,
         num_feature_levels: int,
         num_points: int,
+        msda_backend: str = "auto",
     ) -> None:
         super().__init__()
         self.d_model = d_model
         self.num_feature_levels = num_feature_levels
         self.num_decoder_layers = num_decoder_layers
         layer_args = (d_model, num_heads, dim_feedforward, dropout, num_feature_levels, num_points)
-        self.encoder_layers = nn.ModuleList(EncoderLayer(*layer_args) for _ in range(num_encoder_layers))
-        self.decoder_layers = nn.ModuleList(DecoderLayer(*layer_args) for _ in range(num_decoder_layers))
+        self.encoder_layers = nn.ModuleList(
+            EncoderLayer(*layer_args, msda_backend=msda_backend) for _ in range(num_encoder_layers)
+        )
+        self.decoder_layers = nn.ModuleList(
+            DecoderLayer(*layer_args, msda_backend=msda_backend) for _ in range(num_decoder_layers)
+        )
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         nn.init.normal_(self.level_embed)
         for layer in self.decoder_layers:

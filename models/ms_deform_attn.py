@@ -1,12 +1,19 @@
-"""Multi-scale deformable attention (Deformable-DETR) written with `F.grid_sample`, so it runs on any device.
+"""Multi-scale deformable attention (Deformable-DETR).
 
 Each query attends to `num_points` sampled locations per level and head, placed around its reference point
 by learned offsets and mixed by learned weights (softmax over levels x points).
+
+The sampling has two backends behind one call: `F.grid_sample` here ("pytorch", runs anywhere) and the Triton
+kernels of `models/ms_deform_attn_triton.py` ("triton", CUDA; Triton's interpreter runs them on CPU when
+TRITON_INTERPRET=1 is set before triton is imported). "auto" takes Triton for CUDA tensors when triton imports,
+else grid_sample.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +49,29 @@ def ms_deform_attn_sample(
     return out.view(batch, heads * head_dim, queries).transpose(1, 2).to(out_dtype)
 
 
+MSDA_BACKENDS = ("auto", "pytorch", "triton")
+
+
+@functools.cache
+def _triton_sampler() -> Callable[..., Tensor] | ImportError:
+    """`ms_deform_attn_triton`, or why it does not import; imported on first use, as only CUDA runs need triton."""
+    try:
+        from models.ms_deform_attn_triton import ms_deform_attn_triton
+    except ImportError as err:
+        return err
+    return ms_deform_attn_triton
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend ("pytorch" or "triton") that `backend` runs for values on `device`."""
+    if backend not in MSDA_BACKENDS:
+        raise ValueError(f"MSDeformAttn: unknown backend {backend!r}; expected one of {', '.join(MSDA_BACKENDS)}")
+    if backend == "auto":
+        # The interpreter is for testing the kernel, never a choice on CPU: grid_sample is far faster there.
+        return "triton" if device.type == "cuda" and not isinstance(_triton_sampler(), ImportError) else "pytorch"
+    return backend
+
+
 class MSDeformAttn(nn.Module):
     """Deformable attention over `num_levels` maps.
 
@@ -51,12 +81,17 @@ class MSDeformAttn(nn.Module):
     reference_points are normalised to each level's padded map: (x, y) points, or (cx, cy, w, h) boxes, in
     which case the offsets are in units of half the box size divided by `num_points` (Deformable-DETR's
     two-stage / box-refinement form).
+
+    backend: "auto", "pytorch" (grid_sample) or "triton" (see resolve_backend); chosen per call from the value's
+    device, so a module moved between CPU and GPU keeps working under "auto".
     """
 
-    def __init__(self, d_model: int, num_levels: int, num_heads: int, num_points: int) -> None:
+    def __init__(self, d_model: int, num_levels: int, num_heads: int, num_points: int, backend: str = "auto") -> None:
         super().__init__()
         if d_model % num_heads:
             raise ValueError(f"MSDeformAttn: d_model {d_model} not divisible by num_heads {num_heads}")
+        resolve_backend(backend, torch.device("cpu"))  # refuses an unknown name now rather than at the first step
+        self.backend = backend
         self.d_model = d_model
         self.num_levels = num_levels
         self.num_heads = num_heads
@@ -114,5 +149,17 @@ class MSDeformAttn(nn.Module):
             locations = ref[..., :2] + offsets / points * ref[..., 2:] * 0.5
         else:
             raise ValueError(f"MSDeformAttn: reference_points last dim {reference_points.shape[-1]}; expected 2 or 4")
-        out = ms_deform_attn_sample(value, spatial_shapes, locations, weights)
+        if resolve_backend(self.backend, value.device) == "triton":
+            sampler = _triton_sampler()
+            if isinstance(sampler, ImportError):
+                raise ImportError(f"MSDeformAttn: backend 'triton' needs the triton package: {sampler}") from sampler
+            out = sampler(value, spatial_shapes, locations, weights)
+        else:
+            out = ms_deform_attn_sample(value, spatial_shapes, locations, weights)
         return self.output_proj(out)
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, levels={self.num_levels}, heads={self.num_heads}, points={self.num_points}, "
+            f"backend={self.backend}"
+        )
