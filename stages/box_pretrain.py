@@ -10,25 +10,26 @@ Trainer with an EMA hook. `checkpoint.pth` holds the online detector alone under
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from models.aligndet import AlignDet
 from stages.build import build_model, validate_model_config
-from stages.common import seed_everything, stage_dir, write_json
-from stages.data.build import build_dataset, build_train_loader
+from stages.context import open_stage
+from stages.data.build import build_dataset, build_train_loader, describe_train_set
 from stages.data.proposals import proposals_main_first
 from stages.data.two_view import build_two_view_dataset, collate_two_view
-from stages.engine.checkpoint import CHECKPOINT_NAME, LAST_NAME, load_into, save_checkpoint
-from stages.engine.distributed import barrier, init_distributed, is_distributed, is_main_process
+from stages.engine.checkpoint import select_state
+from stages.engine.distributed import is_distributed
 from stages.engine.trainer import Hook, Trainer, to_device, unwrap
 
 log = logging.getLogger("detpipe")
+# The AlignDet wrapper's attribute holding the online detector: its keys are "<attr>.<detector key>".
+DETECTOR_ATTR = "detector"
 
 
 class MomentumUpdate(Hook):
@@ -60,22 +61,6 @@ def clamp_proposals(proposals: Mapping, limit: int | None) -> tuple[dict, int]:
     return {image_id: np.asarray(boxes)[:limit] for image_id, boxes in proposals.items()}, clamped
 
 
-def save_detector(path, detector: nn.Module, cfg: DictConfig, iteration: int, drop_keys: list[str]) -> None:
-    """checkpoint.pth: the online detector's weights under its own names, and the keys fine-tuning drops."""
-    if is_main_process():
-        save_checkpoint(
-            path,
-            {
-                "model": detector.state_dict(),
-                "stage": "box_pretrain",
-                "config": OmegaConf.to_container(cfg, resolve=True),
-                "iter": iteration,
-                "drop_keys": list(drop_keys),
-            },
-        )
-    barrier()
-
-
 def build_aligndet(detector: nn.Module, stage_cfg: DictConfig) -> AlignDet:
     a = stage_cfg.aligndet
     return AlignDet(
@@ -92,15 +77,16 @@ def build_aligndet(detector: nn.Module, stage_cfg: DictConfig) -> AlignDet:
 
 
 def run(cfg: DictConfig) -> dict:
-    start = time.perf_counter()
     validate_model_config(cfg.model)
-    device = init_distributed(cfg.trainer.device, cfg.trainer.dist_backend)
-    seed_everything(cfg.seed)
-    out = stage_dir(cfg)
+    ctx = open_stage(cfg)
+    finished = ctx.finished()
+    if finished is not None:
+        return finished
 
     # Labels are never read: only the images (for proposals and views) and the dataset's class count (the
-    # classifiers exist but go unused; fine-tuning drops them).
-    dataset = build_dataset(cfg.data, "train", train=False, seed=cfg.seed)
+    # classifiers exist but go unused; fine-tuning drops them). So every training image takes part, whatever the
+    # labelled fraction (data.fraction) fine-tuning uses.
+    dataset = build_dataset(cfg.data, "train", train=False, seed=cfg.seed, use_fraction=False)
     proposals, stats = proposals_main_first(dataset, cfg.stage.proposals)
     detector = build_model(cfg.model, dataset.num_classes)
     limit = proposal_limit(detector, cfg.stage.proposals.max_per_image)
@@ -109,49 +95,56 @@ def run(cfg: DictConfig) -> dict:
         log.info("proposals: %d images keep their first %d proposals (the detector's queries)", clamped, limit)
     views = build_two_view_dataset(dataset, proposals, cfg.stage.views)
 
-    init = None
-    # A resumed run takes its weights from last.pth; init_from only seeds a fresh run.
-    if cfg.stage.init_from and not (out / LAST_NAME).exists():
-        report = load_into(detector, cfg.stage.init_from)
-        log.info("%s", report.table())
-        init = report.as_dict()
-    elif cfg.stage.freeze_backbone and not (out / LAST_NAME).exists():
+    init = ctx.load_init(detector)
+    if cfg.stage.freeze_backbone and not cfg.stage.init_from:
         log.warning("box_pretrain: stage.freeze_backbone=true without stage.init_from: the backbone stays random")
     model = build_aligndet(detector, cfg.stage)
 
-    loader = build_train_loader(views, cfg.trainer, cfg.seed, distributed=is_distributed(), collate_fn=collate_two_view)
+    source = describe_train_set(dataset, cfg.data, use_fraction=False) + " with proposals"
+    loader = build_train_loader(
+        views, cfg.trainer, cfg.seed, distributed=is_distributed(), collate_fn=collate_two_view, source=source
+    )
     trainer = Trainer(
-        cfg, model, loader, out, "box_pretrain", device, forward_fn=two_view_forward, hooks=[MomentumUpdate()]
+        cfg,
+        model,
+        loader,
+        ctx.out,
+        "box_pretrain",
+        ctx.device,
+        forward_fn=two_view_forward,
+        hooks=[MomentumUpdate()],
+        fingerprint=ctx.fingerprint.digest,
     )
     result = trainer.train()
     drop_keys = model.align_drop_keys(detector)
-    save_detector(out / CHECKPOINT_NAME, detector, cfg, result["iter"], drop_keys)
+    # The online detector alone, under its own names; last.pth keeps the whole wrapper for resuming.
+    detector_state = select_state(model.state_dict(), prefix=f"{DETECTOR_ATTR}.")
+    checkpoint = ctx.save_final(detector_state, result["iter"], drop_keys=list(drop_keys))
+    trainer.close()
 
-    summary = {
-        "stage": "box_pretrain",
-        "checkpoint": str(out / CHECKPOINT_NAME),
-        "metrics": result["final_losses"],
-        "iterations": result["iter"],
-        "num_train_images": len(views),
-        "train_seconds": trainer.train_seconds,
-        "seconds_per_iter": trainer.train_seconds / max(1, result["iter"]),
-        "seconds": time.perf_counter() - start,
-        "init": init,
-        "freeze_backbone": bool(cfg.stage.freeze_backbone),
-        "branches": list(model.feature_dims),
-        "drop_keys": drop_keys,
-        "proposals": {
-            "num_images": stats.num_images,
-            "num_skipped": stats.num_skipped,
-            "num_boxes": stats.num_boxes,
-            "boxes_per_image": stats.boxes_per_image,
-            "seconds": stats.seconds,
-            "images_per_second": stats.images_per_second,
-            "cache_hit": stats.cache_hit,
-            "cache_path": stats.cache_path,
-            "per_image_limit": limit,
-            "num_images_clamped": clamped,
-        },
-    }
-    write_json(out / "summary.json", summary)
-    return summary
+    return ctx.write_summary(
+        {
+            "checkpoint": str(checkpoint),
+            "metrics": result["final_losses"],
+            "iterations": result["iter"],
+            "num_train_images": len(views),
+            "train_seconds": trainer.train_seconds,
+            "seconds_per_iter": trainer.train_seconds / max(1, result["iter"]),
+            "init": init,
+            "freeze_backbone": bool(cfg.stage.freeze_backbone),
+            "branches": list(model.feature_dims),
+            "drop_keys": drop_keys,
+            "proposals": {
+                "num_images": stats.num_images,
+                "num_skipped": stats.num_skipped,
+                "num_boxes": stats.num_boxes,
+                "boxes_per_image": stats.boxes_per_image,
+                "seconds": stats.seconds,
+                "images_per_second": stats.images_per_second,
+                "cache_hit": stats.cache_hit,
+                "cache_path": stats.cache_path,
+                "per_image_limit": limit,
+                "num_images_clamped": clamped,
+            },
+        }
+    )

@@ -14,8 +14,8 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from stages.engine.checkpoint import atomic_write_text
 from stages.engine.distributed import is_main_process
+from stages.engine.files import atomic_write_text
 from stages.errors import UserError
 
 log = logging.getLogger("detpipe")
@@ -33,8 +33,10 @@ def instantiate_or_user_error(config: Any, **kwargs: Any) -> Any:
 
 
 def stage_dir(cfg: DictConfig, name: str | None = None) -> Path:
-    """<run_dir>/<stage>: the only place a stage writes."""
-    path = Path(cfg.paths.run_dir) / (name or cfg.stage.name)
+    """The only place a stage writes: `paths.stage_dir` when set (the pipeline points it into the stage store),
+    else <run_dir>/<stage>."""
+    chosen = cfg.paths.get("stage_dir") if name is None else None
+    path = Path(str(chosen)) if chosen else Path(cfg.paths.run_dir) / (name or cfg.stage.name)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -43,6 +45,29 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def get_rng_state() -> dict:
+    """This process's random generators (python, numpy, torch, CUDA) as plain containers and tensors, so that a
+    checkpoint holding them still loads with weights_only=True."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [name, keys.tolist(), int(position), int(has_gauss), float(gauss)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `get_rng_state` returned."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def write_json(path: Path, payload: dict) -> None:

@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
 from stages.build import build_model
-from stages.common import seed_everything, stage_dir, write_json
-from stages.data.build import build_dataset, build_loader
-from stages.engine.checkpoint import atomic_write_text, load_into, resolve_checkpoint
+from stages.common import write_json
+from stages.context import open_stage
+from stages.data.build import build_dataset, build_loader, dataset_categories
+from stages.engine.checkpoint import LoadReport, load_into, resolve_checkpoint
 from stages.engine.coco_eval import evaluate_coco, format_table, to_coco_results
-from stages.engine.distributed import init_distributed, is_main_process
+from stages.engine.distributed import is_main_process
+from stages.engine.files import atomic_write_text
 from stages.engine.metrics import MetricsLogger
 from stages.engine.trainer import to_device
 from stages.engine.visualize import draw_detections, save_png
+from stages.errors import UserError
+from stages.fingerprint import init_source
 
 log = logging.getLogger("detpipe")
 
@@ -79,18 +81,41 @@ def wandb_box_image(
     )
 
 
+def check_categories(report: LoadReport, dataset, allow_untrained_head: bool) -> None:
+    """The checkpoint's class head must predict the val set's categories: a checkpoint that records none (its
+    class head never saw labels, e.g. box_pretrain's) is refused unless `allow_untrained_head`, and one trained on
+    other categories always is."""
+    expected = dataset_categories(dataset)
+    if report.categories is None:
+        if allow_untrained_head:
+            log.warning("%s: records no categories; its class head was not trained on labels", report.source)
+            return
+        raise UserError(
+            f"{report.source}: a {report.stage or 'foreign'} checkpoint that records no categories, so its class "
+            "head was not trained on labels; expected a finetune checkpoint (stage.allow_untrained_head=true "
+            "evaluates it anyway)"
+        )
+    if report.categories != expected:
+        theirs = {(c["id"], c["name"]) for c in report.categories}
+        ours = {(c["id"], c["name"]) for c in expected}
+        raise UserError(
+            f"{report.source}: trained on {len(theirs)} categories, {dataset.source} has {len(ours)}; only in the "
+            f"checkpoint: {sorted(theirs - ours)[:5]}, only in the val set: {sorted(ours - theirs)[:5]}; expected "
+            "the same category ids and names in the same order"
+        )
+
+
 def run(cfg: DictConfig) -> dict:
-    start = time.perf_counter()
-    device = init_distributed(cfg.trainer.device, cfg.trainer.dist_backend)
-    seed_everything(cfg.seed)
-    out = stage_dir(cfg)
-    checkpoint = resolve_checkpoint(cfg.stage.init_from or Path(cfg.paths.run_dir) / "finetune")
+    ctx = open_stage(cfg)
+    out, device = ctx.out, ctx.device
+    checkpoint = resolve_checkpoint(init_source(cfg))
 
     dataset = build_dataset(cfg.data, "val", train=False, seed=cfg.seed)
     # Inference is the plain DETR: auxiliary heads of a Co-DETR checkpoint are reported as skipped.
     model = build_model(cfg.model, dataset.num_classes, num_aux_heads=0)
     report = load_into(model, checkpoint)
     log.info("%s", report.table())
+    check_categories(report, dataset, bool(cfg.stage.get("allow_untrained_head", False)))
     model.to(device).eval()
     loader = build_loader(
         dataset,
@@ -130,12 +155,10 @@ def run(cfg: DictConfig) -> dict:
         metrics_logger.log_images(images, step=0)
     metrics_logger.close()
 
-    summary = {
-        "stage": "eval",
-        "checkpoint": str(checkpoint),
-        "metrics": {k: v for k, v in bbox.items() if k != "per_class"},
-        "num_images": len(dataset),
-        "seconds": time.perf_counter() - start,
-    }
-    write_json(out / "summary.json", summary)
-    return summary
+    return ctx.write_summary(
+        {
+            "checkpoint": str(checkpoint),
+            "metrics": {k: v for k, v in bbox.items() if k != "per_class"},
+            "num_images": len(dataset),
+        }
+    )

@@ -11,21 +11,21 @@ Whatever the method, `checkpoint.pth` holds the backbone alone under the detecto
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import Dataset
 
 from stages.backbone_import import load_into_backbone
-from stages.common import instantiate_or_user_error, seed_everything, stage_dir, write_json
-from stages.data.build import build_dataset, build_loader
+from stages.common import instantiate_or_user_error
+from stages.context import open_stage
+from stages.data.build import build_dataset, build_train_loader
 from stages.data.proposals import proposals_main_first
 from stages.data.ssl_views import ProposalCropViews, TwoViewDataset
-from stages.engine.checkpoint import CHECKPOINT_NAME, LAST_NAME, load_into, save_checkpoint
-from stages.engine.distributed import init_distributed, is_distributed, is_main_process
+from stages.engine.checkpoint import select_state
+from stages.engine.distributed import is_distributed
 from stages.engine.trainer import Hook, Trainer, unwrap
 from stages.errors import UserError
 
@@ -57,19 +57,12 @@ def pair_forward(model: nn.Module, batch, device: torch.device) -> dict[str, tor
     return model(torch.stack(first).to(device), torch.stack(second).to(device))
 
 
-def save_backbone(path, backbone: nn.Module, cfg: DictConfig, extra: dict) -> None:
-    if is_main_process():
-        state = {f"{BACKBONE_PREFIX}.{k}": v for k, v in backbone.state_dict().items()}
-        save_checkpoint(
-            path,
-            {
-                "model": state,
-                "iter": extra.get("iter", 0),
-                "stage": "image_pretrain",
-                "config": OmegaConf.to_container(cfg, resolve=True),
-                **extra,
-            },
-        )
+def module_prefix(model: nn.Module, module: nn.Module) -> str:
+    """The state-dict prefix ("online_encoder.", "encoder.") under which `model` holds `module`."""
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return f"{name}." if name else ""
+    raise ValueError(f"{type(model).__name__} does not hold the backbone module")
 
 
 def classifier_training(
@@ -86,8 +79,9 @@ def build_training(cfg: DictConfig, backbone: nn.Module) -> tuple[nn.Module, Dat
     if method == "supervised" and cfg.stage.supervised.image_folder:
         crops = instantiate_or_user_error(cfg.stage.supervised.folder_crops, root=cfg.stage.supervised.image_folder)
         return classifier_training(cfg, backbone, crops, f"image_folder: {crops.root}")
-    # Labels are unused by the self-supervised method; both methods read plain images (no detection transforms).
-    dataset = build_dataset(cfg.data, "train", train=False, seed=cfg.seed)
+    # Both methods read plain images (no detection transforms). The self-supervised method reads no labels, so it
+    # sees every training image, whatever the labelled fraction (data.fraction); the crop classifier reads labels.
+    dataset = build_dataset(cfg.data, "train", train=False, seed=cfg.seed, use_fraction=method == "supervised")
     if method == "supervised":
         crops = instantiate_or_user_error(cfg.stage.supervised.crops, source=dataset)
         return classifier_training(cfg, backbone, crops, "ground_truth_crops")
@@ -110,7 +104,6 @@ def build_training(cfg: DictConfig, backbone: nn.Module) -> tuple[nn.Module, Dat
 
 
 def run(cfg: DictConfig) -> dict:
-    start = time.perf_counter()
     method = cfg.stage.method
     if method not in ("self_supervised", "supervised", "import"):
         raise UserError(f"stage.method: unknown method {method!r}; expected self_supervised, supervised or import")
@@ -119,60 +112,55 @@ def run(cfg: DictConfig) -> dict:
             f"stage.supervised.image_folder: set, but stage.method is {method}; expected stage.method=supervised "
             "(only the supervised method reads an ImageFolder)"
         )
-    device = init_distributed(cfg.trainer.device, cfg.trainer.dist_backend)
-    seed_everything(cfg.seed)
-    out = stage_dir(cfg)
+    if method == "import" and not cfg.stage.weights:
+        raise UserError("stage.weights: not set; expected the path of a backbone weights file for method=import")
+    ctx = open_stage(cfg)
+    finished = ctx.finished()
+    if finished is not None:
+        return finished
     backbone = instantiate(cfg.model.detector.backbone)
-    summary = {"stage": "image_pretrain", "method": method}
+    summary = {"method": method}
 
     if method == "import":
-        if not cfg.stage.weights:
-            raise UserError("stage.weights: not set; expected the path of a backbone weights file for method=import")
         report = load_into_backbone(
             backbone.body, cfg.stage.weights, cfg.stage.min_match_fraction, cfg.stage.allow_pickle
         )
-        save_backbone(out / CHECKPOINT_NAME, backbone, cfg, {"import": report.as_dict()})
-        summary.update(
-            {
-                "checkpoint": str(out / CHECKPOINT_NAME),
-                "metrics": {"loaded": len(report.loaded)},
-                "import": report.as_dict(),
-            }
-        )
-    else:
-        if cfg.stage.init_from and not (out / LAST_NAME).exists():
-            log.info("%s", load_into(BackboneOnly(backbone), cfg.stage.init_from).table())
-        model, train_set, hooks, source = build_training(cfg, backbone)
-        summary.update(source)
-        log.info("image_pretrain %s: %s", method, source)
-        # BatchNorm needs at least two samples per step.
-        loader = build_loader(
-            train_set,
-            batch_size=cfg.trainer.batch_size,
-            num_workers=cfg.trainer.num_workers,
-            shuffle=True,
-            seed=cfg.seed,
-            distributed=is_distributed(),
-            drop_last=True,
-        )
-        if len(loader) == 0:
-            # Otherwise the trainer would wait forever for a first batch.
-            raise UserError(
-                f"{source['input']}: {len(train_set)} training items; expected at least "
-                f"trainer.batch_size={cfg.trainer.batch_size} per process (incomplete batches are dropped)"
-            )
-        trainer = Trainer(cfg, model, loader, out, "image_pretrain", device, forward_fn=pair_forward, hooks=hooks)
-        result = trainer.train()
-        # checkpoint.pth is the backbone alone (what later stages load); last.pth keeps the whole wrapper for resuming.
-        save_backbone(out / CHECKPOINT_NAME, backbone, cfg, {"iter": result["iter"]})
-        summary.update(
-            {
-                "checkpoint": str(out / CHECKPOINT_NAME),
-                "metrics": result["final_losses"],
-                "iterations": result["iter"],
-                "train_seconds": trainer.train_seconds,
-            }
-        )
-    summary["seconds"] = time.perf_counter() - start
-    write_json(out / "summary.json", summary)
-    return summary
+        state = select_state(backbone.state_dict(), rename=f"{BACKBONE_PREFIX}.")
+        checkpoint = ctx.save_final(state, 0, **{"import": report.as_dict()})
+        summary.update({"checkpoint": str(checkpoint), "metrics": {"loaded": len(report.loaded)}})
+        summary["import"] = report.as_dict()
+        return ctx.write_summary(summary)
+
+    ctx.load_init(BackboneOnly(backbone))
+    model, train_set, hooks, source = build_training(cfg, backbone)
+    summary.update(source)
+    log.info("image_pretrain %s: %s", method, source)
+    # BatchNorm needs at least two samples per step: whole batches only.
+    loader = build_train_loader(train_set, cfg.trainer, cfg.seed, distributed=is_distributed(), source=source["input"])
+    trainer = Trainer(
+        cfg,
+        model,
+        loader,
+        ctx.out,
+        "image_pretrain",
+        ctx.device,
+        forward_fn=pair_forward,
+        hooks=hooks,
+        fingerprint=ctx.fingerprint.digest,
+    )
+    result = trainer.train()
+    # checkpoint.pth is the backbone alone under the detector's names (what later stages load); last.pth keeps the
+    # whole wrapper for resuming.
+    prefix = module_prefix(model, backbone)
+    state = select_state(model.state_dict(), prefix=prefix, rename=f"{BACKBONE_PREFIX}.")
+    checkpoint = ctx.save_final(state, result["iter"])
+    trainer.close()
+    summary.update(
+        {
+            "checkpoint": str(checkpoint),
+            "metrics": result["final_losses"],
+            "iterations": result["iter"],
+            "train_seconds": trainer.train_seconds,
+        }
+    )
+    return ctx.write_summary(summary)

@@ -2,7 +2,8 @@
 
 Reads the output contract (DESIGN section 3) of every job directory in `cfg.report.sweep_dir`:
 `.hydra/overrides.yaml` (which values the job ran with), `eval/metrics.json` (COCO box AP) and
-`<report.train_stage>/summary.json` (training seconds). A job without its metrics is listed as unfinished.
+`<report.train_stage>/summary.json` (training seconds) and `error.json` (a failed job's one-line error, written by
+stages/sweep.py). A failed job is listed as failed with its error, a job without its metrics as unfinished.
 """
 
 from __future__ import annotations
@@ -19,28 +20,34 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from stages.common import stage_dir, write_json
-from stages.engine.checkpoint import atomic_write_bytes
+from stages.engine.files import atomic_write_bytes
 from stages.errors import UserError
+from stages.sweep import job_sort_key, read_error
 
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
 METRICS_FILE = Path("eval") / "metrics.json"
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-FINISHED, UNFINISHED = "finished", "unfinished"
+FINISHED, UNFINISHED, FAILED = "finished", "unfinished", "failed"
 # Columns read_report_csv turns back into floats (None when empty).
 NUMERIC_COLUMNS = (*METRIC_KEYS, "train_seconds")
 
 
 @dataclass
 class JobResult:
-    """One job: its directory name, overrides, box metrics (None while unfinished), train seconds."""
+    """One job: its directory name, overrides, box metrics (None while unfinished), train seconds, and the
+    one-line error of its last attempt (None unless it failed)."""
 
     name: str
     overrides: dict[str, str]
     metrics: dict[str, float] | None
     train_seconds: float | None
+    error: str | None = None
 
     @property
     def status(self) -> str:
+        # error.json is removed when a job starts again, so it describes the job's latest attempt.
+        if self.error is not None:
+            return FAILED
         return FINISHED if self.metrics is not None else UNFINISHED
 
 
@@ -48,11 +55,13 @@ def run(cfg: DictConfig) -> dict:
     """Write report.{csv,md,png} and summary.json into <run_dir>/report/; copy the reports to the sweep."""
     start = time.perf_counter()
     if OmegaConf.is_missing(cfg.report, "sweep_dir") or not cfg.report.sweep_dir:
-        raise UserError("report.sweep_dir: not set; expected `report.sweep_dir=<multirun dir holding 0/, 1/, ...>`")
+        raise UserError(
+            "report.sweep_dir: not set; expected `report.sweep_dir=<multirun dir holding 0_<hash>/, 1_<hash>/, ...>`"
+        )
     sweep_dir = Path(str(cfg.report.sweep_dir)).expanduser()
     jobs = [read_job(job_dir, cfg.report.train_stage) for job_dir in find_job_dirs(sweep_dir)]
     keys = swept_keys(jobs)
-    columns = ["job", *keys, *METRIC_KEYS, "train_seconds", "status"]
+    columns = ["job", *keys, *METRIC_KEYS, "train_seconds", "status", "error"]
     rows = [job_row(job, keys) for job in jobs]
 
     out = stage_dir(cfg, "report")
@@ -68,21 +77,26 @@ def run(cfg: DictConfig) -> dict:
             atomic_write_bytes(directory / name, lambda f, data=data: f.write(data))
 
     finished = [job for job in jobs if job.status == FINISHED]
+    failed = [job for job in jobs if job.status == FAILED]
     best = max(finished, key=lambda job: job.metrics["AP"], default=None)
     print(table)
-    print(f"{len(finished)} of {len(jobs)} jobs finished; report written to {out}")
+    print(f"{len(finished)} of {len(jobs)} jobs finished, {len(failed)} failed; report written to {out}")
+    for job in failed:
+        print(f"failed: job {job.name}: {job.error}")
     summary = {
         "stage": "report",
         "checkpoint": None,
         "metrics": {
             "num_jobs": len(jobs),
             "num_finished": len(finished),
+            "num_failed": len(failed),
             "best_AP": best.metrics["AP"] if best else None,
             "best_job": best.name if best else None,
         },
         "sweep_dir": str(sweep_dir),
         "swept_keys": keys,
         "unfinished_jobs": [job.name for job in jobs if job.status == UNFINISHED],
+        "failed_jobs": [{"job": job.name, "error": job.error} for job in failed],
         "files": [str(directory / name) for directory in destinations for name in reports],
         "seconds": time.perf_counter() - start,
     }
@@ -101,13 +115,16 @@ def find_job_dirs(sweep_dir: Path) -> list[Path]:
             if (sweep_dir / OVERRIDES_FILE).is_file()
             else ""
         )
-        raise UserError(f"{sweep_dir}: holds no job directory with {OVERRIDES_FILE}{hint}; expected 0/, 1/, ...")
-    # Hydra names jobs 0, 1, ..., 10: sort numerically, custom sub-dir names after them by name.
-    return sorted(job_dirs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
+        raise UserError(
+            f"{sweep_dir}: holds no job directory with {OVERRIDES_FILE}{hint}; expected 0_<hash>/, 1_<hash>/, ..."
+        )
+    # Jobs are named <num>_<hash> (<num> in older sweeps): numeric order, so job 10 comes after job 9.
+    return sorted(job_dirs, key=job_sort_key)
 
 
 def read_job(job_dir: Path, train_stage: str) -> JobResult:
-    """A job's overrides, its box metrics (None when eval/metrics.json is absent) and its train seconds."""
+    """A job's overrides, its box metrics (None when eval/metrics.json is absent), its train seconds and its
+    error (None unless error.json is present)."""
     overrides = parse_overrides(job_dir / OVERRIDES_FILE)
     metrics_path = job_dir / METRICS_FILE
     metrics = None
@@ -123,7 +140,9 @@ def read_job(job_dir: Path, train_stage: str) -> JobResult:
         # The train loop's own time when the stage records it, else the stage's wall time.
         seconds = summary.get("train_seconds", summary.get("seconds"))
         train_seconds = float(seconds) if seconds is not None else None
-    return JobResult(job_dir.name, overrides, metrics, train_seconds)
+    record = read_error(job_dir)
+    error = str(record.get("error") or record.get("type") or "failed") if record is not None else None
+    return JobResult(job_dir.name, overrides, metrics, train_seconds, error)
 
 
 def parse_overrides(path: Path) -> dict[str, str]:
@@ -149,12 +168,13 @@ def swept_keys(jobs: list[JobResult]) -> list[str]:
 
 
 def job_row(job: JobResult, keys: list[str]) -> dict:
-    """One report row: job name, swept values, metrics (None if unfinished), train seconds, status."""
+    """One report row: job name, swept values, metrics (None if unfinished), train seconds, status, error."""
     row = {"job": job.name}
     row.update({key: job.overrides.get(key, "") for key in keys})
     row.update({key: job.metrics[key] if job.metrics else None for key in METRIC_KEYS})
     row["train_seconds"] = job.train_seconds
     row["status"] = job.status
+    row["error"] = job.error
     return row
 
 
@@ -179,7 +199,7 @@ def read_report_csv(path: str | Path) -> list[dict]:
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
-    """A GitHub markdown table; AP to 2 decimals, seconds to 1, missing values as '-'."""
+    """A GitHub markdown table; AP to 2 decimals, seconds to 1, missing values as '-', '|' escaped."""
 
     def cell(key: str, value) -> str:
         if value is None:
@@ -188,7 +208,8 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
             return f"{value:.2f}"
         if key == "train_seconds":
             return f"{value:.1f}"
-        return str(value)
+        # An error message may hold a '|', which would end its cell.
+        return str(value).replace("|", "\\|")
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(cell(key, row[key]) for key in columns) + " |" for row in rows]

@@ -36,6 +36,9 @@ def run_cli(
         f"hydra.run.dir={run_dir}",
         f"paths.data_dir={data_dir}",
     ]
+    if not any(arg.startswith("paths.output_dir=") for arg in args):
+        # The stage store (paths.store_dir) lives under paths.output_dir: one per test, never the repository's.
+        command.append(f"paths.output_dir={run_dir}/outputs")
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 

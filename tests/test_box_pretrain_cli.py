@@ -46,13 +46,13 @@ def finetune_model(model: str, run_dir: Path) -> torch.nn.Module:
 def test_box_pretrain_writes_the_online_detector_and_proposal_stats(box_pretrain_runs, model):
     run_dir = box_pretrain_runs(model)
     out = run_dir / "box_pretrain"
-    ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     assert ckpt["stage"] == "box_pretrain" and ckpt["iter"] == ckpt["config"]["trainer"]["max_iters"]
     # checkpoint.pth: exactly the detector's own keys (no projectors, no momentum copy).
     assert set(ckpt["model"]) == set(finetune_model(model, run_dir).state_dict())
     assert ckpt["drop_keys"] and all(isinstance(k, str) for k in ckpt["drop_keys"])
     # last.pth: the whole wrapper, for resuming.
-    last = torch.load(out / "last.pth", weights_only=False)["model"]
+    last = torch.load(out / "last.pth", weights_only=True)["model"]
     assert any(k.startswith("momentum_detector.") for k in last) and any(k.startswith("projectors.") for k in last)
 
     summary = json.loads((out / "summary.json").read_text())

@@ -25,7 +25,7 @@ def test_box_pretrain_runs_for_torchvision_detectors(tmp_path, data_dir, model):
     proc = run_cli(["experiment=smoke", "stage=box_pretrain", f"model={model}"], tmp_path, data_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "box_pretrain"
-    ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     assert ckpt["stage"] == "box_pretrain" and ckpt["drop_keys"]
     assert not any(k.startswith(("projectors.", "momentum_")) for k in ckpt["model"])
     assert any(k.startswith("backbone.body.") for k in ckpt["model"])

@@ -8,6 +8,7 @@ import json
 
 import torch
 
+from stages.report import find_job_dirs
 from tests.conftest import run_cli
 from tests.test_cli import assert_one_line_error
 
@@ -22,17 +23,18 @@ def test_smoke_finetune_runs_for_every_number_of_auxiliary_heads_and_evaluates_a
         ["-m", *args, "model.num_aux_heads=0,1,2,3,4", f"hydra.sweep.dir={sweep_dir}"], tmp_path / "unused", data_dir
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for k in range(5):
-        job = sweep_dir / str(k)
+    jobs = find_job_dirs(sweep_dir)
+    assert len(jobs) == 5
+    for k, job in enumerate(jobs):
         assert f"model.num_aux_heads={k}" in (job / ".hydra" / "overrides.yaml").read_text()
         logged = json.loads((job / "finetune" / "metrics.jsonl").read_text().splitlines()[-1])
         prefixes = {key.split("/")[0] for key in logged if "/" in key}
         expected = {"detr"} | {f"aux{i}_{h}{s}" for i, h in enumerate(HEADS[:k]) for s in ("", "_queries")}
         assert prefixes == expected, (k, prefixes)
-        state = torch.load(job / "finetune" / "checkpoint.pth", weights_only=False)["model"]
+        state = torch.load(job / "finetune" / "checkpoint.pth", weights_only=True)["model"]
         assert any(key.startswith(f"aux_heads.{k - 1}.") for key in state) == (k > 0)
 
-    job = sweep_dir / "4"
+    job = jobs[4]
     proc = run_cli([*SMOKE_CO_DETR, "model.num_aux_heads=4", "stage=eval"], job, data_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     bbox = json.loads((job / "eval" / "metrics.json").read_text())["bbox"]

@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from stages.data.build import build_dataset, build_loader, build_train_loader, collate_detection
+from stages.data.build import EpochSampler, build_dataset, build_loader, build_train_loader, collate_detection
 from stages.data.subsets import fraction_indices
 from stages.errors import UserError
 
@@ -83,18 +83,30 @@ def test_collate_keeps_images_and_targets_as_lists():
     assert [t["image_id"] for t in targets] == [1, 2]
 
 
-def test_distributed_loader_uses_a_seeded_distributed_sampler(synthetic_cfg, tmp_path):
+def test_distributed_loader_splits_one_seeded_order_between_ranks(synthetic_cfg, tmp_path):
     dataset = build_dataset(synthetic_cfg, "val", train=False)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         loader = build_loader(dataset, 2, 0, shuffle=True, seed=11, distributed=True, drop_last=False)
-        assert isinstance(loader.sampler, torch.utils.data.DistributedSampler)
+        assert isinstance(loader.sampler, EpochSampler)
         assert loader.sampler.seed == 11 and loader.sampler.shuffle
         first = [t["image_id"] for _, targets in loader for t in targets]
         again = [t["image_id"] for _, targets in loader for t in targets]
         assert sorted(first) == dataset.image_ids and first == again
     finally:
         dist.destroy_process_group()
+
+
+def test_epoch_sampler_ranks_partition_the_epoch_and_start_skips_what_was_read():
+    ranks = [list(EpochSampler(10, shuffle=True, seed=3, rank=r, world=3, drop_last=True)) for r in range(3)]
+    assert sorted(sum(ranks, [])) == sorted(set(sum(ranks, []))) and all(len(r) == 3 for r in ranks)
+    whole = EpochSampler(10, shuffle=True, seed=3)
+    whole.set_epoch(2)
+    order = list(whole)
+    whole.set_epoch(2, start=4)
+    assert list(whole) == order[4:] and len(whole) == 6
+    whole.set_epoch(3)
+    assert list(whole) != order  # a new permutation every epoch
 
 
 def test_unknown_dataset_name_and_unset_root_are_user_errors(synthetic_cfg):
@@ -116,9 +128,21 @@ def test_coco_paths_are_relative_to_root_and_missing_folders_are_named(synthetic
         build_dataset(cfg, "train", train=False)
 
 
-def test_train_loader_keeps_whole_batches_unless_the_dataset_is_smaller_than_one(synthetic_cfg):
+def test_train_loader_keeps_whole_batches_and_refuses_a_set_smaller_than_one(synthetic_cfg):
     dataset = build_dataset(synthetic_cfg, "train", train=True)  # 20 images
     trainer = OmegaConf.create({"batch_size": 6, "num_workers": 0})
     assert [len(images) for images, _ in build_train_loader(dataset, trainer, seed=0, distributed=False)] == [6] * 3
     small = torch.utils.data.Subset(dataset, range(4))
-    assert [len(images) for images, _ in build_train_loader(small, trainer, seed=0, distributed=False)] == [4]
+    with pytest.raises(
+        UserError, match=r"^tiny set: 4 training items; expected at least trainer.batch_size x processes = 6 x 1"
+    ):
+        build_train_loader(small, trainer, seed=0, distributed=False, source="tiny set")
+    with pytest.raises(UserError, match="0 training items"):
+        build_train_loader(torch.utils.data.Subset(dataset, []), trainer, seed=0, distributed=False)
+
+
+def test_label_free_stages_see_every_image_whatever_the_fraction(synthetic_cfg):
+    cfg = synthetic_cfg.copy()
+    cfg.fraction = 0.25
+    assert len(build_dataset(cfg, "train", train=False, use_fraction=False)) == 20
+    assert len(build_dataset(cfg, "train", train=False)) == 5

@@ -193,6 +193,23 @@ def test_unknown_image_id_is_a_user_error_naming_the_annotation(tmp_path):
         CocoDetection(tmp_path, write_json(tmp_path, dataset))
 
 
+@pytest.mark.parametrize(
+    "field,value,expected",
+    [
+        ("image_id", 7.0, "an integer"),
+        ("image_id", "7", "an integer"),
+        ("category_id", True, "an integer"),
+        ("iscrowd", "no", "a number"),
+        ("area", None, "a number"),
+    ],
+)
+def test_wrongly_typed_ids_and_numbers_are_user_errors_naming_the_annotation(tmp_path, field, value, expected):
+    dataset = hand_written_coco()
+    dataset["annotations"][1][field] = value
+    with pytest.raises(UserError, match=rf"bad\.json: annotation 2 has {field} .*; expected {expected}$"):
+        CocoDetection(tmp_path, write_json(tmp_path, dataset))
+
+
 @pytest.mark.parametrize("index,side", [(2, "width"), (3, "height")])
 def test_negative_box_size_is_a_user_error_naming_the_annotation(tmp_path, index, side):
     dataset = hand_written_coco()

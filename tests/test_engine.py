@@ -74,7 +74,7 @@ class StopAt(Hook):
 def test_resumed_run_continues_from_its_checkpoint_instead_of_starting_over(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         make_trainer(tmp_path, hooks=[StopAt(6)]).train()
-    assert torch.load(tmp_path / "toy" / LAST_NAME, weights_only=False)["iter"] == 4
+    assert torch.load(tmp_path / "toy" / LAST_NAME, weights_only=True)["iter"] == 4
     second = make_trainer(tmp_path)
     steps = []
     second.hooks.append(type("Rec", (Hook,), {"after_step": lambda self, t: steps.append(t.iter)})())
@@ -90,8 +90,8 @@ def test_training_loop_lowers_the_loss_and_logs_every_term(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "toy" / "metrics.jsonl").read_text().splitlines()]
     assert {"iter", "toy/loss_mse", "loss", "lr", "sec_per_iter"} <= set(lines[-1])
     assert lines[-1]["loss"] < 0.5 * lines[0]["loss"]
-    ckpt = torch.load(tmp_path / "toy" / "checkpoint.pth", weights_only=False)
-    assert set(ckpt) >= {"model", "optimizer", "scheduler", "iter", "stage", "config"}
+    ckpt = torch.load(tmp_path / "toy" / LAST_NAME, weights_only=True)
+    assert set(ckpt) >= {"model", "optimizer", "scheduler", "iter", "stage", "config", "rng", "fingerprint"}
     assert ckpt["iter"] == 200 and ckpt["config"]["trainer"]["max_iters"] == 200
 
 
@@ -139,7 +139,7 @@ def test_checkpoint_write_is_atomic_when_interrupted(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, {"model": {"w": torch.zeros(2)}})
     monkeypatch.undo()
-    assert torch.equal(torch.load(path, weights_only=False)["model"]["w"], torch.ones(2))
+    assert torch.equal(torch.load(path, weights_only=True)["model"]["w"], torch.ones(2))
     assert list(tmp_path.iterdir()) == [path]
 
 
@@ -187,3 +187,113 @@ def test_ground_truth_as_predictions_gives_ap_100():
     assert metrics["per_class"] == {"a": pytest.approx(100.0), "b": pytest.approx(100.0)}
     shifted = [{**r, "bbox": [r["bbox"][0] + 8, *r["bbox"][1:]]} for r in results]
     assert evaluate_coco(gt, shifted, [1, 2], ["a", "b"], [3, 7])["AP"] < 100.0
+
+
+class NoisyRegressor(Regressor):
+    """Draws from torch, numpy and python's generators every step, so a resume that restores any of them wrongly
+    logs other losses."""
+
+    def forward(self, x):
+        import random
+
+        import numpy as np
+
+        noise = torch.rand(1).item() + float(np.random.rand()) + random.random()
+        return super().forward(torch.nn.functional.dropout(x, 0.3, self.training)) + noise
+
+
+def make_resumable_trainer(tmp_path, fingerprint="f" * 64, hooks=None, lr=0.02):
+    from torch.utils.data import default_collate
+
+    from stages.data.build import build_loader
+
+    cfg = compose_config(
+        [
+            "experiment=smoke",
+            "trainer.max_iters=10",
+            "trainer.checkpoint_every=3",
+            "trainer.log_every=2",
+            f"trainer.optimizer.lr={lr}",
+        ],
+        run_dir=tmp_path,
+    )
+    torch.manual_seed(0)
+    x = torch.randn(12, 4)
+    dataset = TensorDataset(x, x.sum(1))
+    # 3 batches per epoch: the kill and the resume fall in the middle of an epoch.
+    loader = build_loader(
+        dataset, 4, 0, shuffle=True, seed=5, distributed=False, drop_last=True, collate_fn=default_collate
+    )
+    trainer = Trainer(
+        cfg,
+        NoisyRegressor(),
+        loader,
+        tmp_path / "toy",
+        "toy",
+        torch.device("cpu"),
+        forward_fn=regression_forward,
+        hooks=hooks,
+        fingerprint=fingerprint,
+    )
+    return trainer
+
+
+def logged_losses(stage_dir) -> list[tuple[int, float]]:
+    lines = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(line["iter"], line["toy/loss_mse"]) for line in lines]
+
+
+def test_a_resumed_run_logs_the_same_losses_as_an_uninterrupted_one(tmp_path):
+    from stages.common import seed_everything
+
+    seed_everything(1)
+    make_resumable_trainer(tmp_path / "whole").train()
+    seed_everything(1)
+    with pytest.raises(KeyboardInterrupt):
+        make_resumable_trainer(tmp_path / "killed", hooks=[StopAt(8)]).train()
+    seed_everything(123)  # a restart seeds afresh; the resumed state must not depend on it
+    make_resumable_trainer(tmp_path / "killed").train()
+    whole, resumed = logged_losses(tmp_path / "whole" / "toy"), logged_losses(tmp_path / "killed" / "toy")
+    assert [i for i, _ in resumed] == [2, 4, 6, 8, 10]
+    assert resumed == whole
+
+
+def test_resuming_under_another_fingerprint_is_refused(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        make_resumable_trainer(tmp_path, hooks=[StopAt(4)]).train()
+    with pytest.raises(UserError, match="last.pth: written by a run with fingerprint f+, not this run's 0+"):
+        make_resumable_trainer(tmp_path, fingerprint="0" * 64).train()
+
+
+def test_a_torn_last_metrics_line_is_dropped_with_a_warning_on_resume(tmp_path, caplog):
+    import logging
+
+    with pytest.raises(KeyboardInterrupt):
+        make_resumable_trainer(tmp_path, hooks=[StopAt(4)]).train()
+    metrics = tmp_path / "toy" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"iter": 5, "loss": 0.1')  # killed mid-append
+    with caplog.at_level(logging.WARNING):
+        make_resumable_trainer(tmp_path).train()
+    assert "not valid JSON" in caplog.text
+    assert [i for i, _ in logged_losses(tmp_path / "toy")] == [2, 4, 6, 8, 10]
+
+
+def test_epochs_that_give_no_iteration_are_refused(tmp_path):
+    with pytest.raises(UserError, match=r"^trainer.epochs: 0 x 8 batches per epoch gives 0 iterations"):
+        Trainer(
+            compose_config(["experiment=smoke", "trainer.epochs=0"], run_dir=tmp_path),
+            Regressor(),
+            DataLoader(TensorDataset(torch.randn(64, 4), torch.randn(64)), batch_size=8),
+            tmp_path,
+            "toy",
+            torch.device("cpu"),
+        )
+
+
+def test_weights_only_loading_refuses_a_checkpoint_that_unpickles_code(tmp_path):
+    from stages.engine.checkpoint import read_checkpoint
+
+    path = tmp_path / "crafted.pth"
+    torch.save({"model": {}, "payload": Regressor()}, path)  # any non-tensor object needs a full unpickle
+    with pytest.raises(UserError, match=r"crafted.pth: refused: loading it would unpickle objects"):
+        read_checkpoint(path)

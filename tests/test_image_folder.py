@@ -130,7 +130,7 @@ def test_supervised_image_pretrain_on_an_image_folder_end_to_end(tmp_path, data_
     args = ["experiment=smoke", "stage=image_pretrain", "stage.method=supervised"]
     proc = run_cli([*args, f"stage.supervised.image_folder={root}"], tmp_path / "run", data_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ckpt = torch.load(tmp_path / "run" / "image_pretrain" / "checkpoint.pth", weights_only=False)
+    ckpt = torch.load(tmp_path / "run" / "image_pretrain" / "checkpoint.pth", weights_only=True)
     assert ckpt["model"] and all(k.startswith("backbone.body.") for k in ckpt["model"])
     summary = json.loads((tmp_path / "run" / "image_pretrain" / "summary.json").read_text())
     assert summary["input"] == f"image_folder: {root}"

@@ -26,7 +26,7 @@ from tests.conftest import run_cli
 def test_image_pretrain_trains_a_backbone_checkpoint(method, extra, expected_input, tmp_path, data_dir):
     proc = run_cli(["experiment=smoke", "stage=image_pretrain", f"stage.method={method}", *extra], tmp_path, data_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ckpt = torch.load(tmp_path / "image_pretrain" / "checkpoint.pth", weights_only=False)
+    ckpt = torch.load(tmp_path / "image_pretrain" / "checkpoint.pth", weights_only=True)
     assert ckpt["stage"] == "image_pretrain"
     assert ckpt["model"] and all(k.startswith("backbone.body.") for k in ckpt["model"])
     summary = json.loads((tmp_path / "image_pretrain" / "summary.json").read_text())
@@ -50,7 +50,7 @@ def test_imported_torchvision_weights_reach_finetune(tmp_path, data_dir):
         data_dir,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ckpt = torch.load(tmp_path / "image_pretrain" / "checkpoint.pth", weights_only=False)
+    ckpt = torch.load(tmp_path / "image_pretrain" / "checkpoint.pth", weights_only=True)
     assert torch.equal(ckpt["model"]["backbone.body.conv1.weight"], resnet.state_dict()["conv1.weight"])
 
     proc = run_cli(

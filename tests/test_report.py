@@ -12,7 +12,8 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from stages.errors import UserError
-from stages.report import FINISHED, METRIC_KEYS, UNFINISHED, read_report_csv, run
+from stages.report import FAILED, FINISHED, METRIC_KEYS, UNFINISHED, find_job_dirs, read_report_csv, run
+from stages.sweep import ERROR_FILE
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -79,7 +80,8 @@ def test_report_has_one_row_per_job_with_swept_values_metrics_and_status(sweep: 
     rows = read_report_csv(run_dir / "report" / "report.csv")
     assert [row["job"] for row in rows] == ["0", "1", "2", "3", "4"]
     # Only keys that differ between jobs are columns; stage and init_from are the same everywhere.
-    assert list(rows[0]) == ["job", "model.num_aux_heads", "data.fraction", *METRIC_KEYS, "train_seconds", "status"]
+    columns = ["job", "model.num_aux_heads", "data.fraction", *METRIC_KEYS, "train_seconds", "status", "error"]
+    assert list(rows[0]) == columns
     finished = [row for row in rows if row["status"] == FINISHED]
     assert len(finished) == 4
     for num, row in enumerate(finished):
@@ -106,6 +108,31 @@ def test_report_has_one_row_per_job_with_swept_values_metrics_and_status(sweep: 
     assert written["metrics"]["num_finished"] == summary["metrics"]["num_finished"] == 4
     assert written["metrics"]["best_job"] == "3"
     assert written["unfinished_jobs"] == ["4"]
+    assert written["failed_jobs"] == [] and written["metrics"]["num_failed"] == 0
+
+
+def test_failed_job_is_listed_as_failed_with_its_one_line_error(sweep: Path, tmp_path: Path, capsys):
+    # What stages/sweep.py writes for a job whose stage raised; its earlier metrics do not make it finished.
+    record = {"error": "data.fraction: got 7; expected a number in (0, 1] | x", "type": "UserError", "overrides": []}
+    _write(sweep / "1" / ERROR_FILE, json.dumps(record))
+    run_dir = tmp_path / "report_run"
+    summary = run(_report_cfg(sweep, run_dir))
+
+    rows = read_report_csv(run_dir / "report" / "report.csv")
+    assert [row["status"] for row in rows] == [FINISHED, FAILED, FINISHED, FINISHED, UNFINISHED]
+    assert rows[1]["error"] == record["error"] and rows[0]["error"] == ""
+    markdown = (run_dir / "report" / "report.md").read_text()
+    assert "| failed | data.fraction: got 7; expected a number in (0, 1] \\| x |" in markdown
+    assert summary["failed_jobs"] == [{"job": "1", "error": record["error"]}]
+    assert summary["metrics"]["num_failed"] == 1 and summary["metrics"]["num_finished"] == 3
+    assert "3 of 5 jobs finished, 1 failed" in capsys.readouterr().out
+
+
+def test_job_directories_named_by_number_and_overrides_hash_are_read_in_job_order(tmp_path: Path):
+    sweep = tmp_path / "sweep"
+    for num in (10, 2, 0):
+        _make_job(sweep, f"{num}_{num:08x}", num, 0.5, ap=float(num), seconds=1.0)
+    assert [job.name for job in find_job_dirs(sweep)] == ["0_00000000", "2_00000002", "10_0000000a"]
 
 
 def test_sweep_over_one_non_numeric_key_still_writes_a_bar_chart(tmp_path: Path):
@@ -188,5 +215,6 @@ def test_joblib_launcher_runs_sweep_jobs_in_parallel_processes(sweep: Path, tmp_
     command += [f"report.sweep_dir={sweep},{second}", f"hydra.sweep.dir={multirun}"]
     result = subprocess.run(command, cwd=CONF_DIR.parent, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert len(read_report_csv(multirun / "0" / "report" / "report.csv")) == 5
-    assert len(read_report_csv(multirun / "1" / "report" / "report.csv")) == 1
+    first, second = find_job_dirs(multirun)
+    assert len(read_report_csv(first / "report" / "report.csv")) == 5
+    assert len(read_report_csv(second / "report" / "report.csv")) == 1

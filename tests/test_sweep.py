@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.report import read_report_csv
+from stages.report import find_job_dirs, read_report_csv
+from stages.sweep import job_number
 from tests.conftest import run_cli
 
 SWEEP = [
@@ -35,7 +36,7 @@ def run_sweep(sweep_dir: Path, data_dir: Path):
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
-    return sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir())
+    return find_job_dirs(sweep_dir)
 
 
 def swept_values(job: Path) -> tuple[str, str]:
@@ -53,7 +54,9 @@ def sweep(tmp_path_factory, data_dir) -> Path:
 
 def test_sweep_runs_every_combination_in_its_own_directory_each_ending_evaluated(sweep):
     jobs = job_dirs(sweep)
-    assert [job.name for job in jobs] == ["0", "1", "2", "3"]
+    # <job number>_<hash of the job's overrides>
+    assert [job_number(job.name) for job in jobs] == [0, 1, 2, 3]
+    assert len({job.name.split("_")[1] for job in jobs}) == 4
     assert {swept_values(job) for job in jobs} == COMBINATIONS
     for job in jobs:
         config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())

@@ -14,6 +14,7 @@ from torchvision.models.detection.image_list import ImageList
 from models.align_outputs import AlignableDetector, AlignOutputs
 from models.torchvision_detectors import FixedStrideAnchorGenerator
 from stages.errors import UserError
+from stages.report import find_job_dirs
 from tests.conftest import compose_config, run_cli
 
 KINDS = ["fcos", "retinanet", "faster_rcnn"]
@@ -278,7 +279,9 @@ def test_cli_smoke_finetune_runs_for_each_torchvision_detector(tmp_path, data_di
     args = ["-m", "experiment=smoke", f"model={','.join(KINDS)}", "stage=finetune", f"hydra.sweep.dir={tmp_path}"]
     proc = run_cli(args, tmp_path / "unused", data_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for job, kind in enumerate(KINDS):
-        summary = json.loads((tmp_path / str(job) / "finetune" / "summary.json").read_text())
+    jobs = find_job_dirs(tmp_path)
+    assert len(jobs) == len(KINDS)
+    for job, kind in zip(jobs, KINDS):
+        summary = json.loads((job / "finetune" / "summary.json").read_text())
         assert summary["iterations"] > 0
         assert summary["metrics"] and all(k.startswith(f"{kind}/") or k == "loss" for k in summary["metrics"])

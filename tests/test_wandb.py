@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from stages.engine.metrics import wandb_mode
+from stages.report import find_job_dirs
 from tests.conftest import run_cli
 
 OFFLINE = {"WANDB_MODE": "offline"}
@@ -155,7 +156,8 @@ def test_sweep_jobs_share_the_sweep_as_group_and_are_named_by_their_swept_values
     args += ["trainer.max_iters=1", "stage.evaluate=false", f"hydra.sweep.dir={sweep_dir}"]
     proc = run_cli(args, tmp_path / "unused", data_dir, env=OFFLINE)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = [offline_runs(sweep_dir / job)["finetune"].run for job in ("0", "1")]
+    runs = [offline_runs(job)["finetune"].run for job in find_job_dirs(sweep_dir)]
+    assert len(runs) == 2
     assert {run.run_group for run in runs} == {"2024-05-01/12-00-00"}
     assert sorted(run.display_name for run in runs) == ["fraction=0.5", "fraction=1.0"]
 

@@ -103,12 +103,17 @@ def validate_coco(dataset: Any, source: str) -> None:
         if ann["id"] in seen:
             raise UserError(f"{source}: {name} appears twice; expected unique annotation ids")
         seen.add(ann["id"])
-        if ann.get("image_id") not in image_ids:
-            raise UserError(f"{source}: {name} has image_id {ann.get('image_id')!r}, which is not in 'images'")
-        if ann.get("category_id") not in category_ids:
-            raise UserError(
-                f"{source}: {name} has category_id {ann.get('category_id')!r}, which is not in 'categories'"
-            )
+        # Type first: 1.0 or True would pass the membership test below (1.0 == 1) and break the id lookups later.
+        for field in ("image_id", "category_id"):
+            if not _is_int(ann.get(field)):
+                raise UserError(f"{source}: {name} has {field} {ann.get(field)!r}; expected an integer")
+        if ann["image_id"] not in image_ids:
+            raise UserError(f"{source}: {name} has image_id {ann['image_id']!r}, which is not in 'images'")
+        if ann["category_id"] not in category_ids:
+            raise UserError(f"{source}: {name} has category_id {ann['category_id']!r}, which is not in 'categories'")
+        for field in ("iscrowd", "area"):
+            if field in ann and not (_is_number(ann[field]) and math.isfinite(ann[field])):
+                raise UserError(f"{source}: {name} has {field} {ann[field]!r}; expected a number")
         bbox = ann.get("bbox")
         if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) and math.isfinite(v) for v in bbox):
             raise UserError(f"{source}: {name} has bbox {bbox!r}; expected [x, y, width, height] numbers")

@@ -8,14 +8,12 @@ temporary folder that replaces `root` only when complete, under a file lock (sev
 once).
 """
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -23,6 +21,7 @@ import cv2
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from stages.engine.files import file_lock
 from stages.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -317,17 +316,6 @@ def _is_current(root: Path, record: dict) -> bool:
     return stored == record and all((root / record["files"][f"{s}_json"]).is_file() for s in SPLITS)
 
 
-@contextlib.contextmanager
-def _locked(root: Path) -> Iterator[None]:
-    """An exclusive lock beside `root`, held while checking and (re)generating it."""
-    with open(root.parent / f".{root.name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def ensure_synthetic(data_cfg: DictConfig | dict) -> None:
     """Makes sure `data_cfg.root` holds the synthetic dataset for `data_cfg.generator`, generating it if it is
     missing or was made with other parameters. Refuses (UserError) to replace a non-empty folder it did not
@@ -338,7 +326,7 @@ def ensure_synthetic(data_cfg: DictConfig | dict) -> None:
         return
     _check_params(record["generator"])
     root.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(root):
+    with file_lock(root.parent / f".{root.name}.lock", waiting=f"waiting for another process generating {root}"):
         if _is_current(root, record):  # another process made it while we waited
             return
         if root.exists() and not (root / RECORD_FILE).is_file() and any(root.iterdir()):

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
+import pickle
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,38 +11,49 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from stages.engine.files import atomic_write_bytes
 from stages.errors import UserError
 
 CHECKPOINT_NAME = "checkpoint.pth"
 LAST_NAME = "last.pth"
 # When init_from names a run directory, these stage sub-directories are searched, latest stage first.
 STAGE_ORDER = ("finetune", "box_pretrain", "image_pretrain")
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call `write(file_object)` on a temporary file beside `path`, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, lambda f: f.write(text.encode("utf-8")))
+# Payload keys: the fingerprint of the stage that wrote the file, and the categories its class head predicts.
+FINGERPRINT_KEY = "fingerprint"
+CATEGORIES_KEY = "categories"
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    """Write `payload` (model, optimizer, scheduler, iter, stage, config) atomically."""
+    """Write `payload` atomically. Every checkpoint of the pipeline goes through here, built by
+    `checkpoint_payload`, so that it holds plain tensors and containers only and loads with weights_only=True."""
     atomic_write_bytes(path, lambda f: torch.save(payload, f))
+
+
+def select_state(state: dict[str, torch.Tensor], prefix: str = "", rename: str = "") -> dict[str, torch.Tensor]:
+    """The entries of `state` whose key starts with `prefix`, that prefix replaced by `rename`: the key filter that
+    turns a training wrapper's state into a detector-only (`"detector."` -> `""`) or backbone-only
+    (`"online_encoder."` -> `"backbone."`) checkpoint."""
+    return {rename + key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+
+
+def checkpoint_payload(
+    model: dict[str, torch.Tensor],
+    *,
+    stage: str,
+    iteration: int,
+    config: dict,
+    fingerprint: str | None,
+    categories: list[dict] | None = None,
+    **extra,
+) -> dict:
+    """The one checkpoint layout: `model` (a state dict), the stage that wrote it, its iteration, the resolved
+    config as plain containers, the stage fingerprint, the dataset's categories (`[{"id", "name"}]`, contiguous
+    label order) when the class head was trained on them, plus `extra` (optimizer, scheduler, rng, drop_keys...)."""
+    payload = {"model": model, "stage": stage, "iter": int(iteration), "config": config, FINGERPRINT_KEY: fingerprint}
+    if categories is not None:
+        payload[CATEGORIES_KEY] = [{"id": int(c["id"]), "name": str(c["name"])} for c in categories]
+    payload.update(extra)
+    return payload
 
 
 def sha256_of(path: Path) -> str:
@@ -69,15 +79,41 @@ def resolve_checkpoint(path_or_dir: str | Path) -> Path:
     raise UserError(f"{path}: checkpoint not found; expected a checkpoint file or a stage output directory")
 
 
-def read_checkpoint(path: Path) -> dict:
-    """Load a checkpoint on the CPU; a file that is not one gives a UserError."""
+def _load_weights_only(path: Path, mmap: bool = False) -> object:
+    """torch.load(weights_only=True) with every failure as one UserError line: a file that needs anything but
+    tensors and plain containers unpickled is refused, since unpickling can run code."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        first = next((line for line in str(err).splitlines() if "Unsupported global" in line), "")
+        reason = f" ({first.strip()})" if first else ""
+        raise UserError(
+            f"{path}: refused: loading it would unpickle objects other than tensors and plain containers{reason}; "
+            "expected a checkpoint written by this pipeline (foreign backbone weights: stage=image_pretrain "
+            "stage.method=import)"
+        ) from None
     except Exception as err:  # torch raises many types for a corrupt or foreign file
-        raise UserError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+        message = " ".join(str(err).split())[:200]
+        raise UserError(f"{path}: not a readable checkpoint ({type(err).__name__}: {message})") from None
+
+
+def read_checkpoint(path: Path) -> dict:
+    """Load a checkpoint on the CPU with weights_only=True; anything else gives a one-line UserError."""
+    payload = _load_weights_only(path)
     if not isinstance(payload, dict) or "model" not in payload:
         raise UserError(f"{path}: checkpoint has no 'model' entry; expected a file written by this pipeline")
     return payload
+
+
+def checkpoint_identity(path_or_dir: str | Path) -> dict:
+    """What a stage started from, for its fingerprint: the fingerprint of the stage that wrote the checkpoint when
+    it records one (the same weights from a recomputed stage keep their identity), else the file's sha256."""
+    path = resolve_checkpoint(path_or_dir)
+    payload = _load_weights_only(path, mmap=True)
+    recorded = payload.get(FINGERPRINT_KEY) if isinstance(payload, dict) else None
+    if isinstance(recorded, str) and recorded:
+        return {"stage": payload.get("stage"), "fingerprint": recorded}
+    return {"sha256": sha256_of(path)}
 
 
 def module_of(key: str) -> str:
@@ -90,6 +126,9 @@ class LoadReport:
     """What happened to each tensor when a checkpoint was loaded into a model, grouped by top-level module."""
 
     source: str
+    # The stage that wrote the checkpoint and the categories its class head was trained on (None: not recorded).
+    stage: str | None = None
+    categories: list[dict] | None = None
     loaded: dict[str, int] = field(default_factory=dict)
     skipped_shape: dict[str, int] = field(default_factory=dict)
     skipped_name: dict[str, int] = field(default_factory=dict)
@@ -103,6 +142,7 @@ class LoadReport:
     def as_dict(self) -> dict:
         return {
             "source": self.source,
+            "stage": self.stage,
             "loaded": self.loaded,
             "skipped_shape": self.skipped_shape,
             "skipped_name": self.skipped_name,
@@ -163,6 +203,8 @@ def load_into(model: nn.Module, path_or_dir: str | Path, drop: Iterable[str] = (
     # A pre-training stage lists what must not go on (projectors, pseudo-classifiers) as "drop_keys".
     drop = (*drop, *payload.get("drop_keys", []))
     report = load_state_into(model, payload["model"], str(path), drop)
+    report.stage = payload.get("stage")
+    report.categories = payload.get(CATEGORIES_KEY)
     if report.num_loaded < min_loaded:
         raise UserError(
             f"{path}: none of its {len(payload['model'])} tensors fit the model "

@@ -7,6 +7,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from stages.errors import UserError
+
 
 def export_slurm_environment() -> None:
     """Under Hydra's submitit launcher each Slurm task is one rank; submitit translates the SLURM_* variables
@@ -23,6 +25,8 @@ def export_slurm_environment() -> None:
 def init_distributed(device: str, backend: str = "auto") -> torch.device:
     """Join the process group torchrun (or submitit on Slurm) describes and return this rank's device."""
     export_slurm_environment()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"trainer.device: {device!r}, but torch sees no CUDA device here; expected trainer.device=cpu")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if device.startswith("cuda") else "gloo"
@@ -66,3 +70,21 @@ def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     dist.all_reduce(t)
     t /= world_size()
     return dict(zip(keys, t.tolist(), strict=True))
+
+
+def broadcast_object(obj: object) -> object:
+    """Rank 0's `obj` on every rank (a decision only rank 0 can make, such as reusing a stored stage)."""
+    if not is_distributed():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def all_gather_object(obj: object) -> list:
+    """Every rank's `obj`, in rank order ([obj] in a single process)."""
+    if not is_distributed():
+        return [obj]
+    gathered: list = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered

@@ -19,8 +19,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from stages.engine.checkpoint import CHECKPOINT_NAME, atomic_write_text
+from stages.engine.checkpoint import CHECKPOINT_NAME
 from stages.engine.distributed import is_main_process
+from stages.engine.files import atomic_write_text
 
 log = logging.getLogger("detpipe")
 # W&B's default server, used to look up a `wandb login` key in ~/.netrc when WANDB_BASE_URL is unset.
@@ -124,11 +125,18 @@ class MetricsLogger:
         if resume_iter is None:
             self.path.unlink()
             return
-        kept = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("iter", 0) <= resume_iter
-        ]
+        kept = []
+        for number, line in enumerate(self.path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                # A run killed while appending leaves its last line torn.
+                log.warning("%s: line %d is not valid JSON (a write cut short); dropped", self.path, number)
+                continue
+            if record.get("iter", 0) <= resume_iter:
+                kept.append(line)
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def _init_wandb(self, cfg: DictConfig):

@@ -17,13 +17,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from stages.engine.checkpoint import CHECKPOINT_NAME, LAST_NAME, read_checkpoint, save_checkpoint
-from stages.engine.distributed import all_reduce_mean, barrier, is_distributed, is_main_process
+from stages.common import get_rng_state, set_rng_state
+from stages.data.build import EpochSampler
+from stages.engine.checkpoint import LAST_NAME, checkpoint_payload, read_checkpoint, save_checkpoint
+from stages.engine.distributed import all_gather_object, all_reduce_mean, barrier, is_distributed, is_main_process, rank
 from stages.engine.metrics import MetricsLogger
 from stages.engine.optim import build_optimizer, build_scheduler
+from stages.errors import UserError
 
 log = logging.getLogger("detpipe")
 
@@ -68,14 +71,26 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 class Hook:
-    """Periodic work attached to the loop. `after_step` runs after every optimisation step."""
+    """Periodic work attached to the loop. `after_step` runs after every optimisation step. A hook that keeps
+    state across steps returns it from `state_dict` so that last.pth carries it and a resumed run continues it."""
 
     def after_step(self, trainer: Trainer) -> None:
         pass
 
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
 
 class Trainer:
-    """Trains `model` on `loader` for `max_iters` steps, resuming from `<stage_dir>/last.pth` when present."""
+    """Trains `model` on `loader` for `max_iters` steps, resuming from `<stage_dir>/last.pth` when present.
+
+    last.pth holds the whole training state: weights, optimizer, schedule, gradient scaler, iteration, every
+    hook's state and every rank's random generators, plus the stage fingerprint. With an `EpochSampler` loader a
+    resumed run continues mid-epoch at the next unread batch, so on CPU with `num_workers=0` it logs the same
+    losses at the same iterations as a run never killed. A last.pth of another fingerprint is refused."""
 
     def __init__(
         self,
@@ -87,6 +102,8 @@ class Trainer:
         device: torch.device,
         forward_fn: ForwardFn = detection_forward,
         hooks: list[Hook] | None = None,
+        fingerprint: str | None = None,
+        categories: list[dict] | None = None,
     ):
         self.cfg = cfg
         self.tcfg = cfg.trainer
@@ -97,8 +114,17 @@ class Trainer:
         # Each epoch's shuffle is seeded from the loader's own seed (rank-specific under DDP) and the epoch.
         self.loader_seed = loader.generator.initial_seed() if getattr(loader, "generator", None) is not None else None
         self.forward_fn = forward_fn
-        self.hooks = list(hooks or [])
+        self.fingerprint = fingerprint
+        self.categories = categories
+        self.hooks = [LogHook(self.tcfg.log_every), CheckpointHook(self.tcfg.checkpoint_every), *(hooks or [])]
         self.max_iters = self.tcfg.max_iters if self.tcfg.epochs is None else self.tcfg.epochs * len(loader)
+        if self.max_iters < 1 and self.tcfg.epochs is not None:
+            raise UserError(
+                f"trainer.epochs: {self.tcfg.epochs} x {len(loader)} batches per epoch gives {self.max_iters} "
+                "iterations; expected at least 1"
+            )
+        if self.max_iters < 1:
+            raise UserError(f"trainer.max_iters: {self.max_iters}; expected at least 1")
         model.to(device)
         self.optimizer = build_optimizer(model, self.tcfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, self.max_iters, self.tcfg.scheduler)
@@ -115,49 +141,66 @@ class Trainer:
         self.logger: MetricsLogger | None = None
 
     # --- checkpoints -------------------------------------------------------------------------------------
-    def state(self) -> dict:
-        return {
-            "model": unwrap(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "iter": self.iter,
-            "stage": self.stage,
-            "config": OmegaConf.to_container(self.cfg, resolve=True),
-        }
+    def state(self, rng_states: list[dict]) -> dict:
+        """The full training state (last.pth); `rng_states` holds every rank's generators, in rank order."""
+        return checkpoint_payload(
+            unwrap(self.model).state_dict(),
+            stage=self.stage,
+            iteration=self.iter,
+            config=OmegaConf.to_container(self.cfg, resolve=True),
+            fingerprint=self.fingerprint,
+            categories=self.categories,
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(),
+            hooks=[hook.state_dict() for hook in self.hooks],
+            rng=rng_states,
+        )
 
     def save(self, name: str) -> Path:
         path = self.stage_dir / name
+        rng_states = all_gather_object(get_rng_state())
         if is_main_process():
-            save_checkpoint(path, self.state())
+            save_checkpoint(path, self.state(rng_states))
         barrier()
         return path
 
     def resume(self) -> bool:
-        """Continue from last.pth: weights, optimizer, schedule and iteration. The data order restarts at the
-        resumed epoch with that epoch's seed, so a resumed run sees the same images per epoch, not per step."""
+        """Continue from last.pth: weights, optimizer, schedule, scaler, iteration, hook states and this rank's
+        random generators. A last.pth written under another fingerprint is refused."""
         path = self.stage_dir / LAST_NAME
         if not path.exists():
             return False
         payload = read_checkpoint(path)
+        if payload.get("fingerprint") != self.fingerprint:
+            raise UserError(
+                f"{path}: written by a run with fingerprint {payload.get('fingerprint')}, not this run's "
+                f"{self.fingerprint}; expected the same settings to resume it"
+            )
         unwrap(self.model).load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         self.scaler.load_state_dict(payload["scaler"])
+        for hook, state in zip(self.hooks, payload.get("hooks", [])):
+            hook.load_state_dict(state)
+        rng_states = payload.get("rng") or []
+        if rank() < len(rng_states):
+            set_rng_state(rng_states[rank()])
         self.iter = int(payload["iter"])
         log.info("[%s] resumed from %s at iteration %d", self.stage, path, self.iter)
         return True
 
     # --- the loop ----------------------------------------------------------------------------------------
     def batches(self) -> Iterator:
-        self.epoch = self.iter // max(1, len(self.loader))
+        """Batches from where `self.iter` stands: its epoch and, with an EpochSampler, its batch within it."""
+        self.epoch, done = divmod(self.iter, len(self.loader))
         while True:
-            if isinstance(self.loader.sampler, DistributedSampler):
-                self.loader.sampler.set_epoch(self.epoch)
+            if isinstance(self.loader.sampler, EpochSampler):
+                self.loader.sampler.set_epoch(self.epoch, start=done * self.loader.batch_size)
             if self.loader_seed is not None:
                 self.loader.generator.manual_seed(self.loader_seed + self.epoch)
             yield from self.loader
-            self.epoch += 1
+            self.epoch, done = self.epoch + 1, 0
 
     def run_step(self, batch) -> LossDict:
         autocast = torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext()
@@ -176,11 +219,12 @@ class Trainer:
         return losses
 
     def train(self) -> dict:
-        """Run to max_iters; returns the last logged losses. Writes last.pth periodically, checkpoint.pth at the end."""
+        """Run to max_iters; returns the iteration and the last logged losses. Writes last.pth periodically and at
+        the end; the stage then writes its checkpoint.pth (`save(CHECKPOINT_NAME)` for the full training state,
+        or a key-filtered part of the model through its StageContext)."""
         self.model.train()
         resumed = self.resume()
         self.logger = MetricsLogger(self.stage_dir, self.stage, self.cfg, resume_iter=self.iter if resumed else None)
-        hooks = [LogHook(self.tcfg.log_every), CheckpointHook(self.tcfg.checkpoint_every), *self.hooks]
         data = self.batches()
         bar = tqdm(
             total=self.max_iters,
@@ -196,16 +240,20 @@ class Trainer:
             self.iter += 1
             self.step_seconds = time.perf_counter() - t0
             self.last_losses = {k: float(v.detach()) for k, v in losses.items()}
-            for hook in hooks:
+            for hook in self.hooks:
                 hook.after_step(self)
             bar.update(1)
             bar.set_postfix(loss=f"{self.last_losses['loss']:.3f}")
         bar.close()
         self.train_seconds = time.perf_counter() - start
         self.save(LAST_NAME)
-        final = self.save(CHECKPOINT_NAME)
-        self.logger.close()
-        return {"checkpoint": str(final), "iter": self.iter, "final_losses": self.last_losses}
+        return {"iter": self.iter, "final_losses": self.last_losses}
+
+    def close(self) -> None:
+        """Finish the metrics logger (and its W&B run, uploading checkpoint.pth when `logger.log_checkpoints`):
+        called by the stage once its checkpoint.pth is written."""
+        if self.logger is not None:
+            self.logger.close()
 
     def lr(self) -> float:
         """The base learning rate (the group with multiplier 1, else the first)."""
@@ -237,6 +285,13 @@ class LogHook(Hook):
         values = {k: (v if math.isfinite(v) else str(v)) for k, v in values.items()}
         trainer.logger.log(trainer.iter, values)
         self.sums, self.count, self.seconds = {}, 0, 0.0
+
+    def state_dict(self) -> dict:
+        # The running sums of the interval in progress, so a resumed run logs the same means.
+        return {"sums": dict(self.sums), "count": self.count, "seconds": self.seconds}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums, self.count, self.seconds = dict(state["sums"]), int(state["count"]), float(state["seconds"])
 
 
 class CheckpointHook(Hook):
