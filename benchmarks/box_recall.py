@@ -25,8 +25,8 @@ from torchvision.ops import box_iou
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from anywhere, like run.py
 
-from models.box_coding import denormalize_boxes  # noqa: E402
-from models.detr import DeformableDETR  # noqa: E402
+from models.layers.box_coding import denormalize_boxes  # noqa: E402
+from models.meta_arch.deformable_detr import DeformableDETR  # noqa: E402
 from stages.build import build_model  # noqa: E402
 from stages.data.build import build_dataset  # noqa: E402
 from stages.data.proposals import load_or_compute_proposals  # noqa: E402

@@ -55,7 +55,7 @@ def run_k(k: int, stage: str, init_from: str | None, run_dir: Path, overrides: l
     config = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     return {
         "k": k,
-        "heads": [head.name for head in config.model.aux_heads[:k]],
+        "heads": list(config.model.aux_heads[:k]),
         "AP": bbox["AP"],
         "AP50": bbox["AP50"],
         "iterations": finetune["iterations"],

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from anywhere, like run.py
 
-from models.ssl import pooled_features  # noqa: E402
+from models.pretrain.ssl import pooled_features  # noqa: E402
 from stages.data.build import build_dataset  # noqa: E402
 from stages.data.crops import GroundTruthCrops  # noqa: E402
 from stages.engine.checkpoint import load_into  # noqa: E402

@@ -1,7 +1,7 @@
 """box_pretrain: AlignDet box-domain pre-training of the whole detector on the training images, labels unused.
 
 Selective-search proposals (cached) -> two augmented views per image sharing proposal ids -> the detector wrapped
-in `models.aligndet.AlignDet` (online + EMA copy, projectors, box-domain InfoNCE and box losses) -> the shared
+in `models.pretrain.aligndet.AlignDet` (online + EMA copy, projectors, box-domain InfoNCE and box losses) -> the shared
 Trainer with an EMA hook. `checkpoint.pth` holds the online detector alone under the detector's own names
 (backbone.*, neck.*, transformer.*, ...) plus `drop_keys`, the classifier keys fine-tuning should leave out;
 `last.pth` keeps the whole wrapper for resuming.
@@ -17,13 +17,13 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from models.aligndet import AlignDet
+from models.pretrain.aligndet import AlignDet
 from stages.build import build_model, validate_model_config
 from stages.context import open_stage
 from stages.data.build import build_dataset, build_train_loader, describe_train_set
 from stages.data.proposals import proposals_main_first
 from stages.data.two_view import build_two_view_dataset, collate_two_view
-from stages.engine.checkpoint import select_state
+from stages.engine.checkpoint import CHECKPOINT_NAME, select_state
 from stages.engine.distributed import is_distributed
 from stages.engine.trainer import Hook, Trainer, to_device, unwrap
 
@@ -104,23 +104,16 @@ def run(cfg: DictConfig) -> dict:
     loader = build_train_loader(
         views, cfg.trainer, cfg.seed, distributed=is_distributed(), collate_fn=collate_two_view, source=source
     )
-    trainer = Trainer(
-        cfg,
-        model,
-        loader,
-        ctx.out,
-        "box_pretrain",
-        ctx.device,
-        forward_fn=two_view_forward,
-        hooks=[MomentumUpdate()],
-        fingerprint=ctx.fingerprint.digest,
-    )
-    result = trainer.train()
     drop_keys = model.align_drop_keys(detector)
-    # The online detector alone, under its own names; last.pth keeps the whole wrapper for resuming.
-    detector_state = select_state(model.state_dict(), prefix=f"{DETECTOR_ATTR}.")
-    checkpoint = ctx.save_final(detector_state, result["iter"], drop_keys=list(drop_keys))
-    trainer.close()
+
+    def save_final(trainer: Trainer) -> None:
+        # The online detector alone, under its own names; last.pth keeps the whole wrapper for resuming.
+        detector_state = select_state(unwrap(trainer.model).state_dict(), prefix=f"{DETECTOR_ATTR}.")
+        ctx.save_final(detector_state, trainer.iter, drop_keys=list(drop_keys))
+
+    trainer = ctx.trainer(model, loader, forward_fn=two_view_forward, hooks=[MomentumUpdate()], final=save_final)
+    result = trainer.train()
+    checkpoint = ctx.out / CHECKPOINT_NAME
 
     return ctx.write_summary(
         {

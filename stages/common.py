@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from models.errors import ModelConfigError
 from stages.engine.distributed import is_main_process
 from stages.engine.files import atomic_write_text
 from stages.errors import UserError
@@ -21,14 +23,18 @@ from stages.errors import UserError
 log = logging.getLogger("detpipe")
 
 
-def instantiate_or_user_error(config: Any, **kwargs: Any) -> Any:
+def instantiate_or_user_error(config: Any, config_key: Callable[[str], str] | None = None, **kwargs: Any) -> Any:
     """`hydra.utils.instantiate`, letting a UserError raised by a constructor through as itself (Hydra wraps
-    every constructor error in a multi-line InstantiationException)."""
+    every constructor error in a multi-line InstantiationException). With `config_key` (constructor argument ->
+    config key), a model's ModelConfigError becomes the one-line UserError `<config key>: <problem>`."""
     try:
         return instantiate(config, **kwargs)
     except InstantiationException as err:
-        if isinstance(err.__cause__, UserError):
-            raise err.__cause__ from None
+        cause = err.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        if config_key is not None and isinstance(cause, ModelConfigError):
+            raise UserError(f"{config_key(cause.argument)}: {cause.problem}") from None
         raise
 
 

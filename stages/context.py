@@ -7,18 +7,34 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.utils.data import DataLoader
 
 from stages.common import read_json, read_summary, seed_everything, stage_dir, write_json
 from stages.engine.checkpoint import CHECKPOINT_NAME, LAST_NAME, checkpoint_payload, load_into, save_checkpoint
-from stages.engine.distributed import barrier, init_distributed, is_main_process
+from stages.engine.distributed import barrier, init_distributed, is_distributed, is_main_process
 from stages.engine.files import TEMP_SUFFIX
+from stages.engine.metrics import MetricsLogger
+from stages.engine.optim import build_optimizer, build_scheduler
+from stages.engine.trainer import (
+    CallbackHook,
+    CheckpointHook,
+    ForwardFn,
+    Hook,
+    LogHook,
+    Trainer,
+    compile_modules,
+    detection_forward,
+    iterations,
+    unwrap,
+    wrap_model,
+)
 from stages.errors import UserError
 from stages.fingerprint import FINGERPRINT_FILE, FINGERPRINTED, Fingerprint, read_fingerprint, stage_fingerprint
 
@@ -71,29 +87,76 @@ class StageContext:
         write_json(self.out / INIT_REPORT, report.as_dict())
         return report.as_dict()
 
+    def payload(self, state: dict, categories: list[dict] | None = None) -> dict:
+        """A checkpoint of this stage (config, fingerprint) around `state`: {"model", "iter", ...extra}."""
+        state = dict(state)
+        return checkpoint_payload(
+            state.pop("model"),
+            stage=self.name,
+            iteration=state.pop("iter"),
+            config=OmegaConf.to_container(self.cfg, resolve=True),
+            fingerprint=self.fingerprint.digest if self.fingerprint else None,
+            categories=categories,
+            **state,
+        )
+
     def save_final(
-        self,
-        state: dict[str, torch.Tensor],
-        iteration: int,
-        categories: list[dict] | None = None,
-        **extra,
+        self, state: dict[str, torch.Tensor], iteration: int, categories: list[dict] | None = None, **extra
     ) -> Path:
         """checkpoint.pth: the weights later stages load (the whole model, or a key-filtered part of it), with the
         stage, iteration, config, fingerprint and, for a trained class head, the categories it predicts."""
         path = self.out / CHECKPOINT_NAME
         if is_main_process():
-            payload = checkpoint_payload(
-                state,
-                stage=self.name,
-                iteration=iteration,
-                config=OmegaConf.to_container(self.cfg, resolve=True),
-                fingerprint=self.fingerprint.digest if self.fingerprint else None,
-                categories=categories,
-                **extra,
-            )
-            save_checkpoint(path, payload)
+            save_checkpoint(path, self.payload({"model": state, "iter": iteration, **extra}, categories))
         barrier()
         return path
+
+    def trainer(
+        self,
+        model: nn.Module,
+        loader: DataLoader,
+        forward_fn: ForwardFn = detection_forward,
+        hooks: Sequence[Hook] = (),
+        final: Callable[[Trainer], object] | None = None,
+        categories: list[dict] | None = None,
+    ) -> Trainer:
+        """The stage's Trainer from `trainer.*`, resumed from last.pth when the directory holds one: optimizer and
+        schedule, DDP, and the hooks in their order: the stage's own `hooks` (which change the model, e.g. a
+        momentum update), `final` (the stage's checkpoint.pth, written before the LogHook closes the W&B run that
+        may upload it), LogHook, then CheckpointHook (last.pth, written once the step's logging state is
+        complete)."""
+        tcfg = self.cfg.trainer
+        max_iters = iterations(tcfg.max_iters, tcfg.epochs, len(loader))
+        if tcfg.compile:
+            log.info("[%s] torch.compile: %s", self.name, compile_modules(model, list(tcfg.compile_modules)))
+        model = wrap_model(model, self.device, is_distributed())
+        optimizer = build_optimizer(unwrap(model), tcfg.optimizer)
+        scheduler = build_scheduler(optimizer, max_iters, tcfg.scheduler)
+        checkpoint = CheckpointHook(
+            self.out / LAST_NAME,
+            tcfg.checkpoint_every,
+            payload=lambda state: self.payload(state, categories),
+            fingerprint=self.fingerprint.digest if self.fingerprint else None,
+        )
+        log_hook = LogHook(
+            tcfg.log_every, lambda resume_iter: MetricsLogger(self.out, self.name, self.cfg, resume_iter=resume_iter)
+        )
+        final_hooks = [CallbackHook(final)] if final is not None else []
+        trainer = Trainer(
+            model,
+            loader,
+            optimizer,
+            scheduler,
+            max_iters,
+            self.device,
+            forward_fn=forward_fn,
+            hooks=[*hooks, *final_hooks, log_hook, checkpoint],
+            clip_grad_norm=tcfg.clip_grad_norm,
+            amp_dtype=tcfg.amp_dtype,
+            name=self.name,
+        )
+        checkpoint.resume(trainer)
+        return trainer
 
     def write_summary(self, summary: dict) -> dict:
         """summary.json with the stage name, fingerprint and total seconds added. Written last: with

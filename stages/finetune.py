@@ -46,19 +46,16 @@ def run(cfg: DictConfig) -> dict:
     loader = build_train_loader(
         dataset, cfg.trainer, cfg.seed, distributed=is_distributed(), source=describe_train_set(dataset, cfg.data)
     )
-    trainer = Trainer(
-        cfg,
-        model,
-        loader,
-        ctx.out,
-        "finetune",
-        ctx.device,
-        fingerprint=ctx.fingerprint.digest,
-        categories=dataset_categories(dataset),
-    )
+    categories = dataset_categories(dataset)
+
+    def save_final(trainer: Trainer) -> None:
+        # checkpoint.pth: the full training state (as last.pth, without the generators) and the categories.
+        state = trainer.state_dict()
+        ctx.save_final(state.pop("model"), state.pop("iter"), categories=categories, **state)
+
+    trainer = ctx.trainer(model, loader, final=save_final, categories=categories)
     result = trainer.train()
-    checkpoint = trainer.save(CHECKPOINT_NAME)
-    trainer.close()
+    checkpoint = ctx.out / CHECKPOINT_NAME
     summary = {
         "checkpoint": str(checkpoint),
         "metrics": result["final_losses"],

@@ -97,7 +97,7 @@ def not_read(cfg: DictConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
         dropped += [*VAL_DATA, "stage.evaluate"]
     elif name == "eval":
         # Inference is the plain DETR, whatever K the checkpoint was trained with.
-        dropped += [*TRAIN_DATA, *TRAINING_ONLY, "model.num_aux_heads", "model.aux_heads"]
+        dropped += [*TRAIN_DATA, *TRAINING_ONLY, "model.num_aux_heads", "model.aux_heads", "model.aux_head_configs"]
     if label_free(cfg):
         dropped.append("data.fraction")
     return tuple(dropped), tuple(kept)

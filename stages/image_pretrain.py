@@ -24,7 +24,7 @@ from stages.context import open_stage
 from stages.data.build import build_dataset, build_train_loader
 from stages.data.proposals import proposals_main_first
 from stages.data.ssl_views import ProposalCropViews, TwoViewDataset
-from stages.engine.checkpoint import select_state
+from stages.engine.checkpoint import CHECKPOINT_NAME, select_state
 from stages.engine.distributed import is_distributed
 from stages.engine.trainer import Hook, Trainer, unwrap
 from stages.errors import UserError
@@ -137,24 +137,17 @@ def run(cfg: DictConfig) -> dict:
     log.info("image_pretrain %s: %s", method, source)
     # BatchNorm needs at least two samples per step: whole batches only.
     loader = build_train_loader(train_set, cfg.trainer, cfg.seed, distributed=is_distributed(), source=source["input"])
-    trainer = Trainer(
-        cfg,
-        model,
-        loader,
-        ctx.out,
-        "image_pretrain",
-        ctx.device,
-        forward_fn=pair_forward,
-        hooks=hooks,
-        fingerprint=ctx.fingerprint.digest,
-    )
-    result = trainer.train()
-    # checkpoint.pth is the backbone alone under the detector's names (what later stages load); last.pth keeps the
-    # whole wrapper for resuming.
     prefix = module_prefix(model, backbone)
-    state = select_state(model.state_dict(), prefix=prefix, rename=f"{BACKBONE_PREFIX}.")
-    checkpoint = ctx.save_final(state, result["iter"])
-    trainer.close()
+
+    def save_final(trainer: Trainer) -> None:
+        # The backbone alone under the detector's names (what later stages load); last.pth keeps the whole
+        # wrapper for resuming.
+        state = select_state(unwrap(trainer.model).state_dict(), prefix=prefix, rename=f"{BACKBONE_PREFIX}.")
+        ctx.save_final(state, trainer.iter)
+
+    trainer = ctx.trainer(model, loader, forward_fn=pair_forward, hooks=hooks, final=save_final)
+    result = trainer.train()
+    checkpoint = ctx.out / CHECKPOINT_NAME
     summary.update(
         {
             "checkpoint": str(checkpoint),

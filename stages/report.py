@@ -1,8 +1,8 @@
 """report: gather a Hydra multirun's per-job results into report.csv, report.md and report.png.
 
-Reads the output contract (DESIGN section 3) of every job directory in `cfg.report.sweep_dir`:
+Reads the output contract (README, "Outputs") of every job directory in `cfg.stage.sweep_dir`:
 `.hydra/overrides.yaml` (which values the job ran with), `eval/metrics.json` (COCO box AP) and
-`<report.train_stage>/summary.json` (training seconds) and `error.json` (a failed job's one-line error, written by
+`<stage.train_stage>/summary.json` (training seconds) and `error.json` (a failed job's one-line error, written by
 stages/sweep.py). A failed job is listed as failed with its error, a job without its metrics as unfinished.
 """
 
@@ -54,12 +54,12 @@ class JobResult:
 def run(cfg: DictConfig) -> dict:
     """Write report.{csv,md,png} and summary.json into <run_dir>/report/; copy the reports to the sweep."""
     start = time.perf_counter()
-    if OmegaConf.is_missing(cfg.report, "sweep_dir") or not cfg.report.sweep_dir:
+    if OmegaConf.is_missing(cfg.stage, "sweep_dir") or not cfg.stage.sweep_dir:
         raise UserError(
-            "report.sweep_dir: not set; expected `report.sweep_dir=<multirun dir holding 0_<hash>/, 1_<hash>/, ...>`"
+            "stage.sweep_dir: not set; expected `stage.sweep_dir=<multirun dir holding 0_<hash>/, 1_<hash>/, ...>`"
         )
-    sweep_dir = Path(str(cfg.report.sweep_dir)).expanduser()
-    jobs = [read_job(job_dir, cfg.report.train_stage) for job_dir in find_job_dirs(sweep_dir)]
+    sweep_dir = Path(str(cfg.stage.sweep_dir)).expanduser()
+    jobs = [read_job(job_dir, cfg.stage.train_stage) for job_dir in find_job_dirs(sweep_dir)]
     keys = swept_keys(jobs)
     columns = ["job", *keys, *METRIC_KEYS, "train_seconds", "status", "error"]
     rows = [job_row(job, keys) for job in jobs]
@@ -69,9 +69,9 @@ def run(cfg: DictConfig) -> dict:
     reports = {
         "report.csv": csv_text(rows, columns).encode("utf-8"),
         "report.md": f"# Sweep report: {sweep_dir}\n\n{table}\n".encode(),
-        "report.png": plot_png(jobs, keys, cfg.report.plot_x, cfg.report.log_x_min_ratio),
+        "report.png": plot_png(jobs, keys, cfg.stage.plot_x, cfg.stage.log_x_min_ratio),
     }
-    destinations = [out, sweep_dir] if cfg.report.copy_to_sweep_dir else [out]
+    destinations = [out, sweep_dir] if cfg.stage.copy_to_sweep_dir else [out]
     for directory in destinations:
         for name, data in reports.items():
             atomic_write_bytes(directory / name, lambda f, data=data: f.write(data))

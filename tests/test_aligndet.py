@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.align_outputs import AlignOutputs
-from models.aligndet import AlignDet, box_contrastive_loss, momentum_at
-from models.detr_align import detr_align_drop_keys, detr_align_feature_dims, detr_align_outputs
+from models.pretrain.align_outputs import AlignOptions, AlignOutputs
+from models.pretrain.aligndet import AlignDet, box_contrastive_loss, momentum_at
 from tests.conftest import compose_config
 from tests.tiny_detr import one_thread, tiny_detr, two_tiny_images  # noqa: F401  (fixture)
 
@@ -161,10 +160,10 @@ class IdRecorder(torch.nn.Module):
     def align_feature_dims(self):
         return {"stub": 8}
 
-    def align_drop_keys(self):
+    def align_drop_keys(self, options):
         return ["embed"]
 
-    def align_outputs(self, images, targets, with_losses):
+    def align_outputs(self, images, targets, with_losses, options):
         self.seen.append([t["ids"].clone() for t in targets])
         ids = torch.cat([t["ids"] for t in targets])
         losses = {"stub/loss_box": self.backbone.weight.sum() * 0} if with_losses else {}
@@ -194,8 +193,8 @@ def test_detr_align_rows_follow_images_in_batch_order():
     batch_targets = proposal_targets(boxes)
     batch_targets[1]["ids"] = batch_targets[1]["ids"] + 2  # as batch_unique_ids would offset them
     with torch.no_grad():
-        both = detr_align_outputs(model, images, batch_targets, with_losses=False)
-        alone = [detr_align_outputs(model, [images[i]], [batch_targets[i]], with_losses=False) for i in range(2)]
+        both = model.align_outputs(images, batch_targets, with_losses=False)
+        alone = [model.align_outputs([images[i]], [batch_targets[i]], with_losses=False) for i in range(2)]
     ids = both.ids["detr"]
     num_layers = model.transformer.num_decoder_layers
     assert len(ids) == num_layers * 5  # every proposal matched once per decoder layer (10 queries >= 3)
@@ -212,7 +211,8 @@ def test_detr_align_rows_follow_images_in_batch_order():
 def test_detr_align_last_layer_only_labels_one_query_per_proposal():
     model = tiny_detr()
     images, targets = two_tiny_images()
-    out = detr_align_outputs(model, images, proposal_targets([t["boxes"] for t in targets]), True, all_layers=False)
+    last_layer = AlignOptions(all_layers=False)
+    out = model.align_outputs(images, proposal_targets([t["boxes"] for t in targets]), True, last_layer)
     assert sorted(out.ids["detr"].tolist()) == [0, 0, 1]
     assert out.features["detr"].shape == (3, model.transformer.d_model)
     # Box losses on every decoder layer, no classification loss.
@@ -221,19 +221,20 @@ def test_detr_align_last_layer_only_labels_one_query_per_proposal():
 
 def test_detr_drop_keys_name_the_class_heads_only():
     model = tiny_detr()
-    keys = detr_align_drop_keys(model)
+    keys = model.align_drop_keys()
     state = model.state_dict()
     dropped = [k for k in state if any(d in k for d in keys)]
     assert dropped and all(k.startswith("class_embed.") for k in dropped)
     assert len(dropped) == sum(1 for k in state if k.startswith("class_embed."))
-    assert detr_align_feature_dims(model) == {"detr": model.transformer.d_model}
+    assert model.align_feature_dims() == {"detr": model.transformer.d_model}
 
 
 def test_detr_objectness_trains_every_class_logit_on_the_matched_queries_and_keeps_the_class_heads():
     model = tiny_detr()
     images, targets = two_tiny_images()
     proposals = proposal_targets([t["boxes"] for t in targets])
-    out = detr_align_outputs(model, images, proposals, True, all_layers=False, objectness=True)
+    objectness = AlignOptions(all_layers=False, objectness=True)
+    out = model.align_outputs(images, proposals, True, objectness)
     names = {"detr/loss_objectness", "detr/loss_objectness_d0"}
     assert names <= set(out.losses)
     model.zero_grad()
@@ -246,20 +247,20 @@ def test_detr_objectness_trains_every_class_logit_on_the_matched_queries_and_kee
         for head in model.class_embed:
             head.weight.copy_(head.weight.flip(0))
             head.bias.copy_(head.bias.flip(0))
-        permuted = detr_align_outputs(model, images, proposals, True, all_layers=False, objectness=True)
+        permuted = model.align_outputs(images, proposals, True, objectness)
     for name in names:
         assert torch.allclose(permuted.losses[name], out.losses[name], rtol=1e-5)
-    without = detr_align_outputs(model, images, proposals, True, all_layers=False)
+    without = model.align_outputs(images, proposals, True, AlignOptions(all_layers=False))
     assert not names & set(without.losses)
-    assert not any(k.startswith("class_embed.") for k in detr_align_drop_keys(model, objectness=True))
+    assert not any(k.startswith("class_embed.") for k in model.align_drop_keys(objectness))
 
 
 def test_two_stage_detr_also_trains_its_class_agnostic_encoder_proposals():
     model = tiny_detr(overrides=("model.detector.two_stage=true",))
     images, targets = two_tiny_images()
-    out = detr_align_outputs(model, images, proposal_targets([t["boxes"] for t in targets]), True)
+    out = model.align_outputs(images, proposal_targets([t["boxes"] for t in targets]), True)
     assert {"detr/loss_cls_enc", "detr/loss_bbox_enc", "detr/loss_giou_enc"} <= set(out.losses)
-    assert not any("enc_class_embed" in d for d in detr_align_drop_keys(model))
+    assert not any("enc_class_embed" in d for d in model.align_drop_keys())
 
 
 def test_co_detr_aux_branches_carry_proposal_ids_image_by_image():
@@ -275,8 +276,8 @@ def test_co_detr_aux_branches_carry_proposal_ids_image_by_image():
     ]
     targets = proposal_targets(boxes)
     targets[1]["ids"] = targets[1]["ids"] + 2
-    out = detr_align_outputs(model, images, targets, with_losses=True)
-    dims = detr_align_feature_dims(model)
+    out = model.align_outputs(images, targets, with_losses=True)
+    dims = model.align_feature_dims()
     assert set(out.features) == set(dims) == {"detr", *model.aux_head_names}
     for name in model.aux_head_names:
         feats, ids = out.features[name], out.ids[name]
@@ -286,7 +287,7 @@ def test_co_detr_aux_branches_carry_proposal_ids_image_by_image():
         assert torch.all(second[1:] >= second[:-1])  # image 0's rows first, then image 1's
         assert f"{name}/loss_cls" not in out.losses
         assert f"{name}/loss_bbox" in out.losses
-    keys = detr_align_drop_keys(model)
+    keys = model.align_drop_keys()
     assert "aux_heads.0.tower.cls_pred." in keys and "aux_heads.1.box_predictor." in keys
 
 

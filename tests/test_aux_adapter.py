@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from models.adapter import MultiScaleAdapter
+from models.layers.adapter import MultiScaleAdapter
 
 
 def _memory(shapes: list[tuple[int, int]], channels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

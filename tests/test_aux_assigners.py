@@ -7,7 +7,7 @@ import random
 
 import torch
 
-from models.heads.assigners import BACKGROUND, IGNORE, ATSSAssigner, FCOSAssigner, MaxIoUAssigner
+from models.matching.assigners import BACKGROUND, IGNORE, ATSSAssigner, FCOSAssigner, MaxIoUAssigner
 
 
 def _iou(a: list[float], b: list[float]) -> float:
@@ -89,26 +89,26 @@ def test_atss_without_boxes_is_all_background():
 def test_max_iou_splits_positive_ignored_and_background_by_thresholds():
     gt = torch.tensor([[0.0, 0, 10, 10]])
     boxes = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 5], [0, 0, 10, 2], [20, 20, 30, 30]])  # IoU 1, .5, .2, 0
-    matched = MaxIoUAssigner(0.7, 0.3, 0.3, match_low_quality=False).assign(boxes, gt)
+    matched = MaxIoUAssigner(0.7, 0.3, 0.3, low_quality=None).assign(boxes, gt)
     assert matched.tolist() == [0, IGNORE, BACKGROUND, BACKGROUND]
 
 
 def test_max_iou_low_quality_match_needs_min_pos_iou():
     gt = torch.tensor([[0.0, 0, 10, 10]])
     boxes = torch.tensor([[0.0, 0, 10, 5], [0, 0, 10, 2]])  # IoU .5 and .2, below pos_iou_thr .7
-    assert MaxIoUAssigner(0.7, 0.3, 0.3, match_low_quality=True).assign(boxes, gt).tolist() == [0, BACKGROUND]
-    assert MaxIoUAssigner(0.7, 0.3, 0.6, match_low_quality=True).assign(boxes, gt).tolist() == [IGNORE, BACKGROUND]
+    assert MaxIoUAssigner(0.7, 0.3, 0.3, low_quality="mmdet").assign(boxes, gt).tolist() == [0, BACKGROUND]
+    assert MaxIoUAssigner(0.7, 0.3, 0.6, low_quality="mmdet").assign(boxes, gt).tolist() == [IGNORE, BACKGROUND]
 
 
 def test_max_iou_low_quality_claims_go_to_the_last_box():
     # The only prior is the best match of both boxes (IoU .8 and .75): the later box's claim wins (mmdet order).
     gts = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 6]])
-    matched = MaxIoUAssigner(0.9, 0.3, 0.3, match_low_quality=True).assign(torch.tensor([[0.0, 0, 10, 8]]), gts)
+    matched = MaxIoUAssigner(0.9, 0.3, 0.3, low_quality="mmdet").assign(torch.tensor([[0.0, 0, 10, 8]]), gts)
     assert matched.tolist() == [1]
 
 
 def test_max_iou_without_boxes_is_all_background():
-    matched = MaxIoUAssigner(0.5, 0.4, 0.0, True).assign(
+    matched = MaxIoUAssigner(0.5, 0.4, 0.0, "mmdet").assign(
         torch.rand(5, 2).repeat(1, 2) + torch.tensor([0, 0, 1, 1]), torch.zeros(0, 4)
     )
     assert (matched == BACKGROUND).all()

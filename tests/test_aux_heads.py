@@ -11,8 +11,8 @@ from omegaconf import OmegaConf
 from torchvision.ops import box_iou
 
 from models.heads import AuxHead
-from models.heads.assigners import BACKGROUND, ATSSAssigner, FCOSAssigner, MaxIoUAssigner
-from models.heads.priors import valid_location_mask
+from models.matching.assigners import BACKGROUND, ATSSAssigner, FCOSAssigner, MaxIoUAssigner
+from models.matching.priors import valid_location_mask
 
 CONFIG = Path(__file__).resolve().parents[1] / "conf" / "model" / "aux_heads.yaml"
 STRIDES = [8, 16, 32, 64, 128]
@@ -41,9 +41,9 @@ def one_thread():
 
 
 def build_head(name: str) -> AuxHead:
-    entries = {entry["name"]: entry for entry in OmegaConf.to_container(OmegaConf.load(CONFIG))["aux_heads"]}
-    kwargs = {k: SMALL.get(k, v) for k, v in entries[name].items()}
-    return instantiate(kwargs, num_classes=NUM_CLASSES, in_channels=CHANNELS, strides=STRIDES)
+    entry = OmegaConf.to_container(OmegaConf.load(CONFIG))["aux_head_configs"][name]
+    kwargs = {k: SMALL.get(k, v) for k, v in entry.items()}
+    return instantiate(kwargs, name=name, num_classes=NUM_CLASSES, in_channels=CHANNELS, strides=STRIDES)
 
 
 def pyramid(image_size: tuple[int, int], batch: int = 2, seed: int = 0) -> list[torch.Tensor]:
@@ -94,7 +94,7 @@ def _direct_assignment(head, features, sizes, targets) -> list[torch.Tensor]:
             per_level = torch.bincount(priors.levels[index], minlength=len(STRIDES)).tolist()
             sub = ATSSAssigner(head.assigner.topk).assign(priors.boxes[index], per_level, target["boxes"])
         elif isinstance(head.assigner, MaxIoUAssigner):
-            sub = MaxIoUAssigner(0.5, 0.4, 0.0, True).assign(priors.boxes[index], target["boxes"])
+            sub = MaxIoUAssigner(0.5, 0.4, 0.0, "mmdet").assign(priors.boxes[index], target["boxes"])
         else:
             assert isinstance(head.assigner, FCOSAssigner)
             ranges = torch.tensor(head.regress_ranges)[priors.levels[index]]

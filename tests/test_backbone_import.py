@@ -201,7 +201,7 @@ def test_pickle_with_python_objects_needs_allow_pickle(tmp_path, reference):
 
 
 def test_loads_into_the_pipeline_resnet_backbone_body(tmp_path, reference):
-    backbone_module = pytest.importorskip("models.backbone")
+    backbone_module = pytest.importorskip("models.layers.backbone")
     backbone = backbone_module.ResNetBackbone(depth=18, norm="frozen_bn", frozen_stages=0, out_levels=[3, 4, 5])
     path = tmp_path / "resnet18.pth"
     torch.save(reference, path)

@@ -1,4 +1,4 @@
-"""`python run.py ...` end to end: the output contract (DESIGN section 3) and one-line errors for bad input."""
+"""`python run.py ...` end to end: the output contract (README, "Outputs") and one-line errors for bad input."""
 
 from __future__ import annotations
 

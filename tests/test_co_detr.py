@@ -11,10 +11,10 @@ import torch
 from omegaconf import OmegaConf, open_dict
 from torchvision.ops import clip_boxes_to_image
 
-from models.box_coding import normalize_boxes
-from models.co_detr import CoDeformableDETR, QueryGroup
-from models.detr import DeformableDETR
 from models.heads.base import AuxPositives
+from models.layers.box_coding import normalize_boxes
+from models.meta_arch.co_detr import CoDeformableDETR, QueryGroup
+from models.meta_arch.deformable_detr import DeformableDETR
 from stages.build import build_model, validate_model_config
 from stages.engine.checkpoint import load_state_into
 from stages.engine.trainer import total_loss
@@ -243,7 +243,7 @@ def test_eval_forward_never_calls_an_auxiliary_module():
     assert len(outputs) == 2 and not called
     model.train()
     model(*batch())  # the hooks do fire in training: the check above can fail
-    assert {"MultiScaleAdapter", "ATSSHead", "FasterRCNNHead", "Linear", "LayerNorm"} <= set(called)
+    assert {"MultiScaleAdapter", "ATSSAuxHead", "FasterRCNNAuxHead", "Linear", "LayerNorm"} <= set(called)
     for handle in handles:
         handle.remove()
 
@@ -295,7 +295,7 @@ def test_a_non_finite_auxiliary_loss_stops_training_naming_its_term():
     [
         ("model.num_aux_heads=5", "model.num_aux_heads"),
         ("model.num_aux_heads=-1", "model.num_aux_heads"),
-        ("model.aux_heads.0.name=yolo", "unknown head 'yolo'"),
+        ("model.aux_heads.0=yolo", "unknown head 'yolo'"),
         ("model.detector.lambda1=-1", "model.detector.lambda1"),
         ("model.detector.lambda2=-0.5", "model.detector.lambda2"),
     ],
@@ -313,21 +313,29 @@ def test_disagreeing_aux_strides_give_a_user_error():
         build_model(cfg, NUM_CLASSES)
 
 
-def test_cpu_heads_restate_aux_heads_yaml_except_the_documented_sizes():
-    published = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "model" / "aux_heads.yaml"))["aux_heads"]
-    cpu = OmegaConf.to_container(compose_config(["model=co_deformable_detr"]).model.aux_heads, resolve=True)
+def published_heads() -> dict:
+    return OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "model" / "aux_heads.yaml"))
+
+
+def test_cpu_heads_are_aux_heads_yaml_except_the_documented_faster_rcnn_sizes():
+    published = published_heads()
+    model = compose_config(["model=co_deformable_detr"]).model
+    cpu = OmegaConf.to_container(model.aux_head_configs)
     sizes = {"rpn_pre_nms_top_n", "rpn_post_nms_top_n", "roi_sampling_ratio", "representation_size"}
     sizes.add("rcnn_batch_size_per_image")
-    assert [h["name"] for h in cpu] == [h["name"] for h in published]
-    for ours, theirs in zip(cpu, published):
-        assert set(ours) == set(theirs), ours["name"]
-        assert {k for k in ours if ours[k] != theirs[k]} <= sizes, ours["name"]
+    assert list(model.aux_heads) == published["aux_heads"] == ["atss", "faster_rcnn", "retinanet", "fcos"]
+    assert cpu.keys() == published["aux_head_configs"].keys()
+    for name, ours in cpu.items():
+        theirs = published["aux_head_configs"][name]
+        assert set(ours) == set(theirs), name
+        assert {k for k in ours if ours[k] != theirs[k]} == (sizes if name == "faster_rcnn" else set()), name
 
 
 def test_coco_experiment_is_the_published_recipe():
     cfg = compose_config(["experiment=coco_r50_co_deformable_detr_12e", "data.root=/coco"])
-    published = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "model" / "aux_heads.yaml"))["aux_heads"]
-    assert OmegaConf.to_container(cfg.model.aux_heads) == published
+    published = published_heads()
+    assert list(cfg.model.aux_heads) == published["aux_heads"]
+    assert OmegaConf.to_container(cfg.model.aux_head_configs) == published["aux_head_configs"]
     m, t = cfg.model, cfg.trainer
     assert (m.name, m.num_aux_heads, m.d_model, m.num_queries) == ("co_deformable_detr", 2, 256, 300)
     det = m.detector
@@ -339,6 +347,6 @@ def test_coco_experiment_is_the_published_recipe():
     assert (t.optimizer.lr, t.optimizer.weight_decay, t.clip_grad_norm, t.epochs) == (2e-4, 1e-4, 0.1, 12)
     assert dict(t.optimizer.lr_mults) == {"backbone": 0.1, "sampling_offsets": 0.1, "reference_points": 0.1}
     assert round(t.scheduler.milestones[0] * t.epochs) == 11 and len(t.scheduler.milestones) == 1
-    assert (t.device, t.amp, cfg.data.name) == ("cuda", True, "coco")
+    assert (t.device, t.amp_dtype, cfg.data.name) == ("cuda", "bf16", "coco")
     assert min(cfg.data.transforms.train.min_sizes) == 480 and max(cfg.data.transforms.train.min_sizes) == 800
     assert cfg.data.transforms.train.max_size == 1333

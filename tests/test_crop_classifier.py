@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch import nn
 
-from models.crop_classifier import CropClassifier
+from models.pretrain.crop_classifier import CropClassifier
 from stages.data.crops import GroundTruthCrops, context_box
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")

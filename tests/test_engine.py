@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from pycocotools.coco import COCO
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from stages.context import StageContext
 from stages.engine.checkpoint import LAST_NAME, load_into, save_checkpoint
 from stages.engine.coco_eval import evaluate_coco
 from stages.engine.optim import lr_factor, param_groups
-from stages.engine.trainer import Hook, Trainer, total_loss
+from stages.engine.trainer import Hook, total_loss
 from stages.errors import UserError
+from stages.fingerprint import Fingerprint, make_fingerprint
 from tests.conftest import compose_config
 
 
@@ -34,32 +37,34 @@ def regression_forward(model, batch, device):
     return {"toy/loss_mse": ((model(x).squeeze(1) - y) ** 2).mean()}
 
 
+def toy_context(tmp_path, overrides: list[str], fingerprint: str | None = None) -> StageContext:
+    """A StageContext for the toy stage in <tmp_path>/toy, as open_stage would give one, without the dataset."""
+    cfg = compose_config(["experiment=smoke", *overrides], run_dir=tmp_path)
+    stamp = make_fingerprint("toy", {"seed": 0}, {}) if fingerprint is None else None
+    if fingerprint is not None:
+        stamp = Fingerprint("toy", fingerprint, {}, {})
+    with open_dict(cfg):
+        cfg.stage.name = "toy"
+    (tmp_path / "toy").mkdir(parents=True, exist_ok=True)
+    return StageContext(cfg, tmp_path / "toy", torch.device("cpu"), stamp)
+
+
 def make_trainer(tmp_path, max_iters=8, hooks=None, log_every=1):
-    cfg = compose_config(
+    ctx = toy_context(
+        tmp_path,
         [
-            "experiment=smoke",
             f"trainer.max_iters={max_iters}",
             "trainer.checkpoint_every=4",
             f"trainer.log_every={log_every}",
             "trainer.optimizer.lr=0.02",
             "trainer.clip_grad_norm=0",
         ],
-        run_dir=tmp_path,
     )
     torch.manual_seed(0)
     x = torch.randn(32, 4)
     y = x.sum(1)
     loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
-    return Trainer(
-        cfg,
-        Regressor(),
-        loader,
-        tmp_path / "toy",
-        "toy",
-        torch.device("cpu"),
-        forward_fn=regression_forward,
-        hooks=hooks,
-    )
+    return ctx.trainer(Regressor(), loader, forward_fn=regression_forward, hooks=hooks or [])
 
 
 class StopAt(Hook):
@@ -75,9 +80,10 @@ def test_resumed_run_continues_from_its_checkpoint_instead_of_starting_over(tmp_
     with pytest.raises(KeyboardInterrupt):
         make_trainer(tmp_path, hooks=[StopAt(6)]).train()
     assert torch.load(tmp_path / "toy" / LAST_NAME, weights_only=True)["iter"] == 4
-    second = make_trainer(tmp_path)
     steps = []
-    second.hooks.append(type("Rec", (Hook,), {"after_step": lambda self, t: steps.append(t.iter)})())
+    second = make_trainer(
+        tmp_path, hooks=[type("Rec", (Hook,), {"after_step": lambda self, t: steps.append(t.iter)})()]
+    )
     second.train()
     assert steps == [5, 6, 7, 8]
     logged = [json.loads(line)["iter"] for line in (tmp_path / "toy" / "metrics.jsonl").read_text().splitlines()]
@@ -207,16 +213,13 @@ def make_resumable_trainer(tmp_path, fingerprint="f" * 64, hooks=None, lr=0.02):
 
     from stages.data.build import build_loader
 
-    cfg = compose_config(
-        [
-            "experiment=smoke",
-            "trainer.max_iters=10",
-            "trainer.checkpoint_every=3",
-            "trainer.log_every=2",
-            f"trainer.optimizer.lr={lr}",
-        ],
-        run_dir=tmp_path,
-    )
+    overrides = [
+        "trainer.max_iters=10",
+        "trainer.checkpoint_every=3",
+        "trainer.log_every=2",
+        f"trainer.optimizer.lr={lr}",
+    ]
+    ctx = toy_context(tmp_path, overrides, fingerprint=fingerprint)
     torch.manual_seed(0)
     x = torch.randn(12, 4)
     dataset = TensorDataset(x, x.sum(1))
@@ -224,18 +227,7 @@ def make_resumable_trainer(tmp_path, fingerprint="f" * 64, hooks=None, lr=0.02):
     loader = build_loader(
         dataset, 4, 0, shuffle=True, seed=5, distributed=False, drop_last=True, collate_fn=default_collate
     )
-    trainer = Trainer(
-        cfg,
-        NoisyRegressor(),
-        loader,
-        tmp_path / "toy",
-        "toy",
-        torch.device("cpu"),
-        forward_fn=regression_forward,
-        hooks=hooks,
-        fingerprint=fingerprint,
-    )
-    return trainer
+    return ctx.trainer(NoisyRegressor(), loader, forward_fn=regression_forward, hooks=hooks or [])
 
 
 def logged_losses(stage_dir) -> list[tuple[int, float]]:
@@ -279,15 +271,10 @@ def test_a_torn_last_metrics_line_is_dropped_with_a_warning_on_resume(tmp_path, 
 
 
 def test_epochs_that_give_no_iteration_are_refused(tmp_path):
+    ctx = toy_context(tmp_path, ["trainer.epochs=0"])
+    loader = DataLoader(TensorDataset(torch.randn(64, 4), torch.randn(64)), batch_size=8)
     with pytest.raises(UserError, match=r"^trainer.epochs: 0 x 8 batches per epoch gives 0 iterations"):
-        Trainer(
-            compose_config(["experiment=smoke", "trainer.epochs=0"], run_dir=tmp_path),
-            Regressor(),
-            DataLoader(TensorDataset(torch.randn(64, 4), torch.randn(64)), batch_size=8),
-            tmp_path,
-            "toy",
-            torch.device("cpu"),
-        )
+        ctx.trainer(Regressor(), loader, forward_fn=regression_forward)
 
 
 def test_weights_only_loading_refuses_a_checkpoint_that_unpickles_code(tmp_path):
@@ -297,3 +284,20 @@ def test_weights_only_loading_refuses_a_checkpoint_that_unpickles_code(tmp_path)
     torch.save({"model": {}, "payload": Regressor()}, path)  # any non-tensor object needs a full unpickle
     with pytest.raises(UserError, match=r"crafted.pth: refused: loading it would unpickle objects"):
         read_checkpoint(path)
+
+
+@pytest.mark.parametrize("amp_dtype,scaled", [("bf16", False), ("fp16", True)])
+def test_mixed_precision_trains_on_cpu_and_scales_gradients_only_for_fp16(tmp_path, amp_dtype, scaled):
+    ctx = toy_context(tmp_path, ["trainer.max_iters=3", f"trainer.amp_dtype={amp_dtype}", "trainer.log_every=1"])
+    loader = DataLoader(TensorDataset(torch.randn(16, 4), torch.randn(16)), batch_size=4)
+    trainer = ctx.trainer(Regressor(), loader, forward_fn=regression_forward)
+    assert trainer.scaler.is_enabled() == scaled
+    result = trainer.train()
+    assert result["iter"] == 3 and math.isfinite(result["final_losses"]["loss"])
+
+
+def test_an_unknown_amp_dtype_is_refused(tmp_path):
+    ctx = toy_context(tmp_path, ["trainer.amp_dtype=fp8"])
+    loader = DataLoader(TensorDataset(torch.randn(16, 4), torch.randn(16)), batch_size=4)
+    with pytest.raises(UserError, match=r"^trainer.amp_dtype: 'fp8'; expected one of \[None, 'bf16', 'fp16'\]"):
+        ctx.trainer(Regressor(), loader, forward_fn=regression_forward)

@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from models.matcher import HungarianMatcher
+from models.matching.hungarian import HungarianMatcher
 
 
 def _random_boxes(n: int, g: torch.Generator) -> torch.Tensor:

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torchvision.ops import sigmoid_focal_loss
 
-from models.detr_loss import SetCriterion
-from models.matcher import HungarianMatcher
+from models.losses.detr_loss import SetCriterion
+from models.matching.hungarian import HungarianMatcher
 
 WEIGHTS = {"loss_cls": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
 

@@ -5,7 +5,7 @@ import math
 import torch
 from torch import nn
 
-from models.ms_deform_attn import MSDeformAttn
+from models.layers.ms_deform_attn import MSDeformAttn
 
 SHAPES = [(4, 5), (2, 3)]
 

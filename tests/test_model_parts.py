@@ -4,10 +4,10 @@ import pytest
 import torch
 import torchvision
 
-from models.backbone import ResNetBackbone
-from models.image_list import batch_images
-from models.neck import ChannelMapper
-from models.position_encoding import SinePositionEncoding
+from models.layers.backbone import ResNetBackbone
+from models.layers.image_list import batch_images
+from models.layers.neck import ChannelMapper
+from models.layers.position_encoding import SinePositionEncoding
 
 
 def test_batch_images_pads_to_a_multiple_and_masks_the_padding():

@@ -5,7 +5,7 @@ import copy
 import torch
 from torchvision.ops import MLP
 
-from models.deformable_transformer import DeformableTransformer
+from models.layers.deformable_transformer import DeformableTransformer
 
 D, LEVELS = 16, 2
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 from torch import nn
 
-from models import ms_deform_attn
-from models.deformable_transformer import DeformableTransformer
-from models.ms_deform_attn import MSDeformAttn, ms_deform_attn_sample, resolve_backend
+from models.layers import ms_deform_attn
+from models.layers.deformable_transformer import DeformableTransformer
+from models.layers.ms_deform_attn import MSDeformAttn, ms_deform_attn_sample, resolve_backend
 from tests.conftest import compose_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,7 +51,7 @@ def _forward_backward(sample, value, locations, weights, grad_out):
 def _kernel_differences(dtype: torch.dtype) -> dict:
     """Max |triton - grid_sample| of (out, grad value, grad locations, grad weights); for half precision, of out and
     grad value in units of eps * (1 + |grid_sample|), the last bit of rounding to dtype."""
-    from models.ms_deform_attn_triton import ms_deform_attn_triton
+    from models.layers.ms_deform_attn_triton import ms_deform_attn_triton
 
     value, locations, weights, grad_out = _inputs(0 if dtype == torch.float32 else 1, dtype)
     ref = _forward_backward(ms_deform_attn_sample, value, locations, weights, grad_out)
@@ -112,7 +112,7 @@ def _module_differences(reference_dim: int) -> dict:
 
 def interpreted_differences() -> dict:
     """Every kernel check, run in a process started with TRITON_INTERPRET=1."""
-    from models import ms_deform_attn_triton
+    from models.layers import ms_deform_attn_triton
 
     assert ms_deform_attn_triton.INTERPRETED, "start this process with TRITON_INTERPRET=1"
     results = {
@@ -188,7 +188,7 @@ def test_an_unknown_backend_is_refused_with_the_choices():
 
 def test_triton_backend_on_cpu_without_the_interpreter_says_what_it_needs():
     pytest.importorskip("triton")
-    from models import ms_deform_attn_triton
+    from models.layers import ms_deform_attn_triton
 
     if ms_deform_attn_triton.INTERPRETED:
         pytest.skip("this session runs Triton's interpreter")

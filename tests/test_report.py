@@ -1,4 +1,4 @@
-"""The report stage reads a sweep directory laid out as DESIGN section 3 says, and the launcher configs compose."""
+"""The report stage reads a sweep directory laid out as README "Outputs" says, and the launcher configs compose."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def sweep(tmp_path: Path) -> Path:
 def _report_cfg(sweep_dir: Path | None, run_dir: Path):
     overrides = ["stage=report", f"paths.run_dir={run_dir}"]
     if sweep_dir is not None:
-        overrides.append(f"report.sweep_dir={sweep_dir}")
+        overrides.append(f"stage.sweep_dir={sweep_dir}")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
 
@@ -164,7 +164,7 @@ def test_sweep_dir_without_jobs_is_a_user_error(tmp_path: Path):
 
 
 def test_unset_sweep_dir_is_a_user_error(tmp_path: Path):
-    with pytest.raises(UserError, match="report.sweep_dir: not set"):
+    with pytest.raises(UserError, match="stage.sweep_dir: not set"):
         run(_report_cfg(None, tmp_path / "run"))
 
 
@@ -212,7 +212,7 @@ def test_joblib_launcher_runs_sweep_jobs_in_parallel_processes(sweep: Path, tmp_
     _make_job(second, "0", 0, 1.0, ap=5.0, seconds=1.0)
     multirun = tmp_path / "reports"
     command = [sys.executable, "run.py", "-m", "hydra/launcher=joblib", "stage=report"]
-    command += [f"report.sweep_dir={sweep},{second}", f"hydra.sweep.dir={multirun}"]
+    command += [f"stage.sweep_dir={sweep},{second}", f"hydra.sweep.dir={multirun}"]
     result = subprocess.run(command, cwd=CONF_DIR.parent, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     first, second = find_job_dirs(multirun)

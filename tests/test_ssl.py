@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch import nn
 
-from models.ssl import BYOL, MoCoV3, cosine_momentum, info_nce
+from models.pretrain.ssl import BYOL, MoCoV3, cosine_momentum, info_nce
 from stages.data.ssl_views import ProposalCropViews, TwoCropTransform, TwoViewDataset
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -103,7 +103,7 @@ def _mocov3(encoder: nn.Module, feature_dim: int | None, temperature: float = 0.
 
 
 # MoCo v3 gets milder views: on whole images under the full augmentation its loss stays at chance for far
-# longer than a test can run (README "Measured"), while BYOL's falls within 30 steps.
+# longer than a test can run (docs/results.md), while BYOL's falls within 30 steps.
 @pytest.mark.parametrize(
     ("build", "augmentation"),
     [(_byol, {}), (_mocov3, {"min_scale": 0.8, "jitter_prob": 0.0})],
@@ -207,7 +207,7 @@ def test_image_pretrain_budget_follows_the_method_and_the_command_line_wins():
 
 
 def test_byol_wraps_the_pipeline_backbone_and_reads_its_c5_width():
-    from models.backbone import ResNetBackbone
+    from models.layers.backbone import ResNetBackbone
 
     torch.manual_seed(0)
     backbone = ResNetBackbone(depth=18, norm="bn", frozen_stages=1, out_levels=[3, 4, 5])

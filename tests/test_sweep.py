@@ -70,7 +70,7 @@ def test_sweep_runs_every_combination_in_its_own_directory_each_ending_evaluated
 
 
 def test_report_of_the_sweep_has_a_row_per_job_a_csv_the_stdlib_reads_and_a_png(sweep, data_dir, tmp_path):
-    proc = run_cli(["stage=report", f"report.sweep_dir={sweep}"], tmp_path, data_dir)
+    proc = run_cli(["stage=report", f"stage.sweep_dir={sweep}"], tmp_path, data_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_report_csv(tmp_path / "report" / "report.csv")
     assert len(rows) == 4

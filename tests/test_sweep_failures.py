@@ -41,8 +41,8 @@ def make_sweep_dir(path: Path, ap: object = 5.0) -> Path:
 
 
 def report_sweep(sweep_dir: Path, report_dirs: list[Path], data_dir: Path, *extra: str):
-    """`python run.py -m stage=report report.sweep_dir=<a>,<b>,...`: one report job per directory."""
-    args = ["-m", *extra, "stage=report", f"report.sweep_dir={','.join(map(str, report_dirs))}"]
+    """`python run.py -m stage=report stage.sweep_dir=<a>,<b>,...`: one report job per directory."""
+    args = ["-m", *extra, "stage=report", f"stage.sweep_dir={','.join(map(str, report_dirs))}"]
     return run_cli([*args, f"hydra.sweep.dir={sweep_dir}"], sweep_dir / "unused", data_dir, timeout=120)
 
 
@@ -67,7 +67,7 @@ def test_a_failing_job_is_recorded_and_the_jobs_after_it_still_run(tmp_path, dat
     record = json.loads((failed / sweep.ERROR_FILE).read_text())
     assert record["type"] == "UserError"
     assert record["error"] == f"{missing}: sweep directory does not exist; expected a Hydra multirun directory"
-    assert f"report.sweep_dir={missing}" in record["overrides"] and "stage=report" in record["overrides"]
+    assert f"stage.sweep_dir={missing}" in record["overrides"] and "stage=report" in record["overrides"]
     assert error_lines(proc) == [
         f"error: job {failed.name} ({' '.join(record['overrides'])}): {record['error']}",
         f"error: 1 of 2 jobs failed (sweep directory {sweep_dir})",
@@ -124,7 +124,7 @@ def test_rerun_pairs_each_job_with_its_directory_only_while_its_overrides_are_th
     assert len(after) == 3 and names[0] in after and names[1] in after
     (new,) = set(after) - set(names)
     assert sweep.job_number(new) == 1
-    assert f"report.sweep_dir={third}" in (sweep_dir / new / ".hydra" / "overrides.yaml").read_text()
+    assert f"stage.sweep_dir={third}" in (sweep_dir / new / ".hydra" / "overrides.yaml").read_text()
 
 
 def test_failures_left_by_an_earlier_sweep_do_not_fail_a_later_one(tmp_path, data_dir):
@@ -151,7 +151,7 @@ def test_smoke_training_sweep_with_a_bad_value_trains_the_rest_and_the_report_sh
     assert line.endswith("data.fraction: got 7; expected a number in (0, 1]")
     assert count == f"error: 1 of 2 jobs failed (sweep directory {sweep_dir})"
 
-    proc = run_cli(["stage=report", f"report.sweep_dir={sweep_dir}"], tmp_path / "report", data_dir)
+    proc = run_cli(["stage=report", f"stage.sweep_dir={sweep_dir}"], tmp_path / "report", data_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_report_csv(tmp_path / "report" / "report" / "report.csv")
     assert [(row["job"], row["status"]) for row in rows] == [(failed.name, "failed"), (trained.name, "finished")]
@@ -234,7 +234,7 @@ def run_dirs(output_dir: Path) -> list[Path]:
 
 def test_two_runs_started_together_get_their_own_directories(tmp_path, data_dir):
     # Two processes started at once, without hydra.run.dir; their stage fails fast, after Hydra made the run dir.
-    command = [sys.executable, str(ROOT / "run.py"), "stage=report", f"report.sweep_dir={tmp_path / 'missing'}"]
+    command = [sys.executable, str(ROOT / "run.py"), "stage=report", f"stage.sweep_dir={tmp_path / 'missing'}"]
     command += [f"paths.output_dir={tmp_path / 'outputs'}", f"paths.data_dir={data_dir}"]
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     procs = [subprocess.Popen(command, cwd=ROOT, env=cli_env(), **quiet) for _ in range(2)]

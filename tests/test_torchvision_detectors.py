@@ -11,8 +11,9 @@ from torchvision.models.detection import FCOS, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 
-from models.align_outputs import AlignableDetector, AlignOutputs
-from models.torchvision_detectors import FixedStrideAnchorGenerator
+from models.matching.priors import StrideAnchorGenerator, TorchvisionAnchors
+from models.pretrain.align_outputs import AlignableDetector, AlignOutputs
+from stages.build import build_model
 from stages.errors import UserError
 from stages.report import find_job_dirs
 from tests.conftest import compose_config, run_cli
@@ -178,18 +179,18 @@ def test_retinanet_matching_gives_torchvisions_losses():
         torch.testing.assert_close(ours[key], theirs[key])
 
 
-def test_fixed_stride_anchors_equal_torchvisions_when_the_batch_divides_every_stride():
-    sizes, ratios, strides = [[16.0], [32.0, 40.0]], [[1.0], [0.5, 2.0]], [8, 16]
+def test_stride_anchors_equal_torchvisions_when_the_batch_divides_every_stride():
+    sizes, ratios, strides = [[16.0, 20.0], [32.0, 40.0]], [0.5, 2.0], [8, 16]
+    anchors = TorchvisionAnchors(StrideAnchorGenerator.from_sizes(strides, sizes, ratios))
     image_list = ImageList(torch.zeros(1, 3, 64, 96), [(60, 90)])
     maps = [torch.zeros(1, 4, 8, 12), torch.zeros(1, 4, 4, 6)]
-    ours = FixedStrideAnchorGenerator(sizes, ratios, strides)(image_list, maps)[0]
-    theirs = AnchorGenerator(tuple(map(tuple, sizes)), tuple(map(tuple, ratios)))(image_list, maps)[0]
-    torch.testing.assert_close(ours, theirs)
+    theirs = AnchorGenerator(tuple(map(tuple, sizes)), (tuple(ratios),) * 2)(image_list, maps)[0]
+    assert torch.equal(anchors(image_list, maps)[0], theirs)
     # A 40-px-high batch gives a 3-row stride-16 map, which torchvision would read as stride 40 // 3 = 13.
-    odd = FixedStrideAnchorGenerator(sizes, ratios, strides)(
-        ImageList(torch.zeros(1, 3, 40, 48), [(40, 48)]), [torch.zeros(1, 4, 5, 6), torch.zeros(1, 4, 3, 3)]
-    )[0]
-    level2 = odd[5 * 6 :]
+    odd = anchors(ImageList(torch.zeros(1, 3, 40, 48), [(40, 48)]), [torch.zeros(1, 4, 5, 6), torch.zeros(1, 4, 3, 3)])[
+        0
+    ]
+    level2 = odd[5 * 6 * 4 :]
     centers_y = ((level2[:, 1] + level2[:, 3]) / 2).unique()
     assert centers_y.tolist() == [0.0, 16.0, 32.0]
 
@@ -251,20 +252,21 @@ def test_align_drop_keys_name_only_final_classifier_and_regressor_layers(kind):
 
 
 def user_error_of(kind: str, overrides: list[str]) -> str:
-    """The UserError message building `kind` with `overrides` raises (instantiate wraps it)."""
-    with pytest.raises(Exception) as info:
-        build(kind, overrides)
-    err = info.value
-    while err is not None and not isinstance(err, UserError):
-        err = err.__cause__
-    assert err is not None, repr(info.value)
-    return str(err)
+    """The one-line UserError building `kind` from its config with `overrides` raises."""
+    cfg = compose_config([f"model={kind}", "model.d_model=32", *overrides])
+    with pytest.raises(UserError) as info:
+        build_model(cfg.model, NUM_CLASSES)
+    return str(info.value)
 
 
 def test_bad_loss_weights_widths_and_levels_are_user_errors():
-    assert "loss_weights" in user_error_of("fcos", ["~model.detector.loss_weights.bbox_ctrness"])
-    assert "head_norm_groups" in user_error_of("fcos", ["model.detector.head_norm_groups=32"])
-    assert "anchor_sizes" in user_error_of("retinanet", ["model.detector.anchor_sizes=[16,32]"])
+    assert user_error_of("fcos", ["~model.detector.loss_weights.bbox_ctrness"]).startswith(
+        "model.detector.loss_weights: "
+    )
+    assert user_error_of("fcos", ["model.detector.head_norm_groups=32"]).startswith("model.detector.head_norm_groups: ")
+    assert user_error_of("retinanet", ["model.detector.anchor_sizes=[16,32]"]).startswith(
+        "model.detector.anchor_sizes: "
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS)

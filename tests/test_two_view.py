@@ -6,7 +6,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from models.aligndet import batch_unique_ids
+from models.pretrain.aligndet import batch_unique_ids
 from stages.data.transforms import Compose, PhotometricJitter, RandomHorizontalFlip, RandomResize
 from stages.data.two_view import TwoViewDataset, build_two_view_dataset, collate_two_view
 from stages.errors import UserError

@@ -1,22 +1,10 @@
-"""Co-DETR auxiliary one-to-many heads (ATSS, Faster R-CNN, RetinaNet, FCOS) and their assigners."""
+"""Co-DETR's auxiliary one-to-many heads (ATSS, Faster R-CNN, RetinaNet, FCOS) and the Faster R-CNN parts
+(`rcnn.py`) the standalone Faster R-CNN shares with them. Their priors and assigners live in models/matching/."""
 
-from models.heads.assigners import BACKGROUND, IGNORE, ATSSAssigner, FCOSAssigner, MaxIoUAssigner
-from models.heads.atss import ATSSHead
+from models.heads.atss import ATSSAuxHead
 from models.heads.base import AuxHead, AuxPositives
-from models.heads.faster_rcnn import FasterRCNNHead
-from models.heads.fcos import FCOSHead
-from models.heads.retinanet import RetinaNetHead
+from models.heads.faster_rcnn import FasterRCNNAuxHead
+from models.heads.fcos import FCOSAuxHead
+from models.heads.retinanet import RetinaNetAuxHead
 
-__all__ = [
-    "BACKGROUND",
-    "IGNORE",
-    "ATSSAssigner",
-    "ATSSHead",
-    "AuxHead",
-    "AuxPositives",
-    "FCOSAssigner",
-    "FCOSHead",
-    "FasterRCNNHead",
-    "MaxIoUAssigner",
-    "RetinaNetHead",
-]
+__all__ = ["ATSSAuxHead", "AuxHead", "AuxPositives", "FCOSAuxHead", "FasterRCNNAuxHead", "RetinaNetAuxHead"]

@@ -55,6 +55,10 @@ class AuxHead(nn.Module):
     - assignment and loss maths run in float32 with autocast off; nothing assumes a device.
     """
 
+    # Its classification loss in `losses`: box-domain pre-training (AlignDet) replaces the classifier by a
+    # projector, so it leaves that loss out.
+    classification_loss_key = "loss_cls"
+
     def __init__(self, name: str, num_classes: int, in_channels: int, strides: list[int], max_negatives: int):
         super().__init__()
         self.name = name
@@ -69,6 +73,11 @@ class AuxHead(nn.Module):
             raise ValueError(f"{type(self).__name__}: got strides {list(strides)}; built for {self.strides}")
         if len(features) != len(self.strides):
             raise ValueError(f"{type(self).__name__}: got {len(features)} maps; expected {len(self.strides)}")
+
+    def align_drop_keys(self) -> list[str]:
+        """State-dict prefixes (inside the head) of its class-specific predictors, which a box-pretrained
+        checkpoint leaves out of fine-tuning."""
+        raise NotImplementedError(f"{type(self).__name__} must implement align_drop_keys")
 
     def forward(
         self,

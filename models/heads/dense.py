@@ -10,13 +10,20 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import sigmoid_focal_loss
+from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
-from models.heads.assigners import BACKGROUND, IGNORE
 from models.heads.base import AuxHead, AuxPositives
-from models.heads.common import PaddedTargets, float32_region, mean_over_processes, random_subset
-from models.heads.priors import DensePriors, valid_location_mask
+from models.heads.common import (
+    PaddedTargets,
+    centerness_target,
+    float32_region,
+    mean_over_processes,
+    random_subset,
+)
+from models.matching.assigners import BACKGROUND, IGNORE
+from models.matching.priors import DensePriors, StrideAnchorGenerator, StridePointGenerator, valid_location_mask
 
 
 class DenseTower(nn.Module):
@@ -90,10 +97,55 @@ def flatten_levels(maps: list[Tensor], num_priors: int) -> Tensor:
 
 
 class DenseAuxHead(AuxHead):
-    """Base of the one-stage heads. Subclasses set `self.tower` (a DenseTower) and `self.prior_generator`
-    (AnchorGenerator or PointGenerator) and implement `assign_image` and `compute_losses`."""
+    """Base of the one-stage heads: builds the DenseTower for the subclass's prior generator and holds the
+    focal-loss and loss-weight settings. Subclasses implement `assign_image` and `compute_losses`, and take the
+    arguments below as `**dense_args` besides their own.
 
-    tower: DenseTower
+    Args (besides AuxHead's): `prior_generator` (given by the subclass); the tower's `feat_channels` (None: the
+    input width), `stacked_convs`, `num_groups` (GroupNorm), `prior_prob` (the classifier's initial foreground
+    probability); `focal_alpha`, `focal_gamma`; the loss weights `weight_cls`, `weight_bbox` and
+    `weight_centerness` (None: no centre-ness branch, as RetinaNet).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        num_classes: int,
+        in_channels: int,
+        strides: list[int],
+        max_negatives: int,
+        prior_generator: StrideAnchorGenerator | StridePointGenerator,
+        feat_channels: int | None,
+        stacked_convs: int,
+        num_groups: int,
+        prior_prob: float,
+        focal_alpha: float,
+        focal_gamma: float,
+        weight_cls: float,
+        weight_bbox: float,
+        weight_centerness: float | None = None,
+    ):
+        super().__init__(name, num_classes, in_channels, strides, max_negatives)
+        self.prior_generator = prior_generator
+        self.tower = DenseTower(
+            in_channels,
+            feat_channels or in_channels,
+            stacked_convs,
+            num_groups,
+            len(self.strides),
+            prior_generator.num_per_location,
+            num_classes,
+            with_centerness=weight_centerness is not None,
+            prior_prob=prior_prob,
+        )
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        self.weight_cls = weight_cls
+        self.weight_bbox = weight_bbox
+        self.weight_centerness = weight_centerness
+
+    def align_drop_keys(self) -> list[str]:
+        return ["tower.cls_pred."]
 
     def make_priors(self, feature_shapes: list[tuple[int, int]], device: torch.device) -> DensePriors:
         """The head's priors for maps of these (H, W) shapes."""
@@ -114,6 +166,35 @@ class DenseAuxHead(AuxHead):
     ) -> dict[str, Tensor]:
         """Weighted losses from float32 predictions cls [B, N, C], reg [B, N, 4], ctr [B, N] and matched [B, N]."""
         raise NotImplementedError(f"{type(self).__name__} must implement compute_losses")
+
+    @staticmethod
+    def positives(matched: Tensor, gt: PaddedTargets) -> tuple[Tensor, Tensor, Tensor]:
+        """(image, prior) indices of the positive priors, and the box each was assigned [P, 4]."""
+        image, prior = (matched >= 0).nonzero(as_tuple=True)
+        return image, prior, gt.boxes[image, matched[image, prior]]
+
+    def centerness_weighted_losses(
+        self,
+        loss_cls: Tensor,
+        num_pos: Tensor,
+        pred_boxes: Tensor,
+        target_boxes: Tensor,
+        centers: Tensor,
+        ctr_logits: Tensor,
+        min_ctr_norm: float,
+    ) -> dict[str, Tensor]:
+        """mmdet's ATSS / FCOS losses: `loss_cls` / positives; `loss_bbox` GIoU weighted by each positive's
+        centre-ness target, / the sum of those targets (at least `min_ctr_norm`); `loss_centerness` BCE of the
+        centre-ness logits, / positives; each times its `weight_*`."""
+        ctr_target = centerness_target(centers, target_boxes)
+        giou = generalized_box_iou_loss(pred_boxes, target_boxes, reduction="none")
+        ctr_norm = mean_over_processes(ctr_target.sum()).clamp(min=min_ctr_norm)
+        loss_ctr = F.binary_cross_entropy_with_logits(ctr_logits, ctr_target, reduction="sum")
+        return {
+            "loss_cls": self.weight_cls * loss_cls / num_pos,
+            "loss_bbox": self.weight_bbox * (giou * ctr_target).sum() / ctr_norm,
+            "loss_centerness": self.weight_centerness * loss_ctr / num_pos,
+        }
 
     def classification_loss(self, cls: Tensor, matched: Tensor, gt: PaddedTargets) -> tuple[Tensor, Tensor]:
         """(summed sigmoid focal loss over the scored priors, positive count averaged over processes, >= 1).

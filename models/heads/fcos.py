@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import generalized_box_iou_loss
 
-from models.heads.assigners import FCOSAssigner
-from models.heads.common import PaddedTargets, centerness_target, mean_over_processes
-from models.heads.dense import DenseAuxHead, DenseTower
-from models.heads.priors import DensePriors, PointGenerator
+from models.heads.common import PaddedTargets
+from models.heads.dense import DenseAuxHead
+from models.matching.assigners import FCOSAssigner
+from models.matching.priors import DensePriors, StridePointGenerator
 
 
-class FCOSHead(DenseAuxHead):
+class FCOSAuxHead(DenseAuxHead):
     """One point per location, FCOS assignment (centre sampling, per-level regress ranges, smallest box wins).
 
     Regression: distances (l, t, r, b) = exp(scaled output) x stride from the point, decoded to a box.
@@ -25,54 +25,30 @@ class FCOSHead(DenseAuxHead):
     Positives: the positive points as squares of side `point_box_scale` x stride centred on the point (Co-DETR's
     reference box for FCOS), with the features of their map cells.
     `regress_ranges`: one [low, high] per level, in pixels of the largest point-to-edge distance.
+    The other arguments (name, widths, tower, focal and loss-weight settings) are DenseAuxHead's.
     """
 
     def __init__(
         self,
-        name: str,
-        num_classes: int,
-        in_channels: int,
         strides: list[int],
-        feat_channels: int | None,
-        stacked_convs: int,
-        num_groups: int,
-        prior_prob: float,
         point_center_offset: float,
         point_box_scale: float,
         regress_ranges: list[list[float]],
         center_sampling: bool,
         center_sample_radius: float,
-        focal_alpha: float,
-        focal_gamma: float,
-        weight_cls: float,
-        weight_bbox: float,
-        weight_centerness: float,
-        max_negatives: int,
+        **dense_args: Any,
     ):
-        super().__init__(name, num_classes, in_channels, strides, max_negatives)
+        super().__init__(
+            strides=strides,
+            prior_generator=StridePointGenerator(strides, point_center_offset, point_box_scale),
+            **dense_args,
+        )
         if len(regress_ranges) != len(self.strides):
             raise ValueError(
-                f"FCOSHead: {len(regress_ranges)} regress_ranges for {len(self.strides)} levels; expected one per level"
+                f"FCOSAuxHead: {len(regress_ranges)} regress_ranges for {len(self.strides)} levels; expected one per level"
             )
-        self.prior_generator = PointGenerator(self.strides, point_center_offset, point_box_scale)
-        self.tower = DenseTower(
-            in_channels,
-            feat_channels or in_channels,
-            stacked_convs,
-            num_groups,
-            len(self.strides),
-            1,
-            num_classes,
-            with_centerness=True,
-            prior_prob=prior_prob,
-        )
         self.regress_ranges = [[float(low), float(high)] for low, high in regress_ranges]
         self.assigner = FCOSAssigner(center_sampling, center_sample_radius)
-        self.focal_alpha = focal_alpha
-        self.focal_gamma = focal_gamma
-        self.weight_cls = weight_cls
-        self.weight_bbox = weight_bbox
-        self.weight_centerness = weight_centerness
 
     def assign_image(self, priors: DensePriors, index: Tensor, gt_boxes: Tensor) -> Tensor:
         ranges = torch.tensor(self.regress_ranges, device=index.device)[priors.levels[index]]
@@ -93,17 +69,10 @@ class FCOSHead(DenseAuxHead):
         gt: PaddedTargets,
     ) -> dict[str, Tensor]:
         loss_cls, num_pos = self.classification_loss(cls, matched, gt)
-        image, prior = (matched >= 0).nonzero(as_tuple=True)
-        target_boxes = gt.boxes[image, matched[image, prior]]
+        image, prior, target_boxes = self.positives(matched, gt)
         points = priors.centers[prior]
         pred_boxes = self.decode(reg[image, prior], points, priors.strides[prior])
-        ctr_target = centerness_target(points, target_boxes)
-        giou = generalized_box_iou_loss(pred_boxes, target_boxes, reduction="none")
         # mmdet normalises by the centre-ness sum with only a tiny floor (ATSS uses a floor of 1).
-        ctr_norm = mean_over_processes(ctr_target.sum()).clamp(min=1e-6)
-        loss_ctr = F.binary_cross_entropy_with_logits(ctr[image, prior], ctr_target, reduction="sum")
-        return {
-            "loss_cls": self.weight_cls * loss_cls / num_pos,
-            "loss_bbox": self.weight_bbox * (giou * ctr_target).sum() / ctr_norm,
-            "loss_centerness": self.weight_centerness * loss_ctr / num_pos,
-        }
+        return self.centerness_weighted_losses(
+            loss_cls, num_pos, pred_boxes, target_boxes, points, ctr[image, prior], min_ctr_norm=1e-6
+        )

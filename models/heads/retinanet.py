@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
-from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import generalized_box_iou_loss
 
-from models.heads.assigners import MaxIoUAssigner
 from models.heads.common import PaddedTargets
-from models.heads.dense import DenseAuxHead, DenseTower
-from models.heads.priors import AnchorGenerator, DensePriors
+from models.heads.dense import DenseAuxHead
+from models.layers.tv_detection import BoxCoder
+from models.matching.assigners import MaxIoUAssigner
+from models.matching.priors import DensePriors, StrideAnchorGenerator
 
 
-class RetinaNetHead(DenseAuxHead):
+class RetinaNetAuxHead(DenseAuxHead):
     """Anchors of `scales_per_octave` octave scales x `aspect_ratios` per location, max-IoU assignment.
 
     Assignment: MaxIoUAssigner(pos_iou_thr, neg_iou_thr, min_pos_iou, low-quality matches on), 0.5 / 0.4 / 0 in
@@ -21,18 +23,12 @@ class RetinaNetHead(DenseAuxHead):
     Losses: `loss_cls` sigmoid focal over positive and negative anchors, summed, / number of positives;
     `loss_bbox` GIoU of the decoded positive boxes, summed, / number of positives; each times its `weight_*`.
     Positives: the positive anchors with the features of their map cells (several anchors share a cell).
+    The other arguments (name, widths, tower, focal and loss-weight settings) are DenseAuxHead's.
     """
 
     def __init__(
         self,
-        name: str,
-        num_classes: int,
-        in_channels: int,
         strides: list[int],
-        feat_channels: int | None,
-        stacked_convs: int,
-        num_groups: int,
-        prior_prob: float,
         octave_base_scale: float,
         scales_per_octave: int,
         aspect_ratios: list[float],
@@ -41,33 +37,14 @@ class RetinaNetHead(DenseAuxHead):
         neg_iou_thr: float,
         min_pos_iou: float,
         box_coder_weights: list[float],
-        focal_alpha: float,
-        focal_gamma: float,
-        weight_cls: float,
-        weight_bbox: float,
-        max_negatives: int,
+        **dense_args: Any,
     ):
-        super().__init__(name, num_classes, in_channels, strides, max_negatives)
-        self.prior_generator = AnchorGenerator(
-            self.strides, octave_base_scale, scales_per_octave, list(aspect_ratios), anchor_center_offset
+        anchors = StrideAnchorGenerator.from_octave_scales(
+            strides, octave_base_scale, scales_per_octave, list(aspect_ratios), anchor_center_offset
         )
-        self.tower = DenseTower(
-            in_channels,
-            feat_channels or in_channels,
-            stacked_convs,
-            num_groups,
-            len(self.strides),
-            self.prior_generator.num_per_location,
-            num_classes,
-            with_centerness=False,
-            prior_prob=prior_prob,
-        )
-        self.assigner = MaxIoUAssigner(pos_iou_thr, neg_iou_thr, min_pos_iou, match_low_quality=True)
+        super().__init__(strides=strides, prior_generator=anchors, **dense_args)
+        self.assigner = MaxIoUAssigner(pos_iou_thr, neg_iou_thr, min_pos_iou, low_quality="mmdet")
         self.box_coder = BoxCoder(tuple(float(w) for w in box_coder_weights))
-        self.focal_alpha = focal_alpha
-        self.focal_gamma = focal_gamma
-        self.weight_cls = weight_cls
-        self.weight_bbox = weight_bbox
 
     def assign_image(self, priors: DensePriors, index: Tensor, gt_boxes: Tensor) -> Tensor:
         return self.assigner.assign(priors.boxes[index], gt_boxes)
@@ -82,8 +59,7 @@ class RetinaNetHead(DenseAuxHead):
         gt: PaddedTargets,
     ) -> dict[str, Tensor]:
         loss_cls, num_pos = self.classification_loss(cls, matched, gt)
-        image, prior = (matched >= 0).nonzero(as_tuple=True)
-        target_boxes = gt.boxes[image, matched[image, prior]]
+        image, prior, target_boxes = self.positives(matched, gt)
         pred_boxes = self.box_coder.decode_single(reg[image, prior], priors.boxes[prior])
         loss_bbox = generalized_box_iou_loss(pred_boxes, target_boxes, reduction="sum")
         return {

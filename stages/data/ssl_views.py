@@ -1,7 +1,7 @@
 """The two-crop augmentation of image-level self-supervised learning and the datasets that turn plain images, or
 their selective-search proposal crops, into (view1, view2) pairs.
 
-Used by image_pretrain's self-supervised method (`models.ssl`); the box-domain two-view mapping of AlignDet
+Used by image_pretrain's self-supervised method (`models.pretrain.ssl`); the box-domain two-view mapping of AlignDet
 is a different thing and lives in `stages/data/two_view.py`.
 """
 
@@ -87,7 +87,7 @@ class ProposalCropViews(Dataset):
     every side) as a (view1, view2) pair of `transform`. Labels are never read.
 
     Whole-image views of the small synthetic images share too little for instance discrimination to learn
-    (MoCo v3's loss stays at chance, README "Measured"); a proposal crop is one object-like region, so both
+    (MoCo v3's loss stays at chance, docs/results.md); a proposal crop is one object-like region, so both
     views see the same thing, as in object-centric pre-training (SoCo, DetCon).
 
     `proposals` maps image id -> boxes (xyxy pixels of the file), as `stages.data.proposals` returns them;

@@ -1,7 +1,10 @@
-"""The one training loop, shared by every training stage (image_pretrain, box_pretrain, finetune).
+"""The one training loop, a plain object: model, loader, optimizer, scheduler and a list of hooks.
 
-`Trainer.run_step` does one optimisation step; periodic work (logging, checkpoints, EMA updates) hangs on
-hooks called after each step, so the loop itself never branches on what a stage needs.
+`Trainer.run_step` does one optimisation step. Everything periodic hangs on hooks called before training, after
+every step and after training: the momentum update of a teacher, `CheckpointHook` (resume from last.pth, save it
+every N steps and at the end), the stage's final checkpoint, `LogHook` (console, metrics.jsonl, W&B). The trainer
+reads no config: the stage builds it and its hooks (`stages/context.py: StageContext.trainer`), and the
+benchmarks time `run_step` on the same object.
 """
 
 from __future__ import annotations
@@ -9,12 +12,11 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -22,15 +24,16 @@ from tqdm import tqdm
 
 from stages.common import get_rng_state, set_rng_state
 from stages.data.build import EpochSampler
-from stages.engine.checkpoint import LAST_NAME, checkpoint_payload, read_checkpoint, save_checkpoint
-from stages.engine.distributed import all_gather_object, all_reduce_mean, barrier, is_distributed, is_main_process, rank
+from stages.engine.checkpoint import read_checkpoint, save_checkpoint
+from stages.engine.distributed import all_gather_object, all_reduce_mean, barrier, is_main_process, rank
 from stages.engine.metrics import MetricsLogger
-from stages.engine.optim import build_optimizer, build_scheduler
 from stages.errors import UserError
 
 log = logging.getLogger("detpipe")
 
 LossDict = dict[str, torch.Tensor]
+# trainer.amp_dtype: null trains in float32.
+AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # forward_fn(model, batch, device) -> losses. Keys whose last '/'-part starts with "loss" are summed into the
 # objective; other keys (statistics such as an accuracy) are only logged.
 ForwardFn = Callable[[nn.Module, object, torch.device], LossDict]
@@ -67,14 +70,22 @@ def total_loss(losses: LossDict) -> torch.Tensor:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
+    """The model itself inside its DistributedDataParallel wrapper."""
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 class Hook:
-    """Periodic work attached to the loop. `after_step` runs after every optimisation step. A hook that keeps
-    state across steps returns it from `state_dict` so that last.pth carries it and a resumed run continues it."""
+    """Work attached to the loop: `before_train`, `after_step` (after every optimisation step), `after_train`.
+    A hook that keeps state across steps returns it from `state_dict`, so that last.pth carries it and a resumed
+    run continues it."""
+
+    def before_train(self, trainer: Trainer) -> None:
+        pass
 
     def after_step(self, trainer: Trainer) -> None:
+        pass
+
+    def after_train(self, trainer: Trainer) -> None:
         pass
 
     def state_dict(self) -> dict:
@@ -85,110 +96,75 @@ class Hook:
 
 
 class Trainer:
-    """Trains `model` on `loader` for `max_iters` steps, resuming from `<stage_dir>/last.pth` when present.
+    """Trains `model` (already on `device`, DDP-wrapped when distributed) on `loader` for `max_iters` steps.
 
-    last.pth holds the whole training state: weights, optimizer, schedule, gradient scaler, iteration, every
-    hook's state and every rank's random generators, plus the stage fingerprint. With an `EpochSampler` loader a
-    resumed run continues mid-epoch at the next unread batch, so on CPU with `num_workers=0` it logs the same
-    losses at the same iterations as a run never killed. A last.pth of another fingerprint is refused."""
+    Hooks run in list order. The loop starts at `self.iter` (`CheckpointHook.resume` sets it) and, with an
+    `EpochSampler` loader, at that iteration's batch within its epoch, so a resumed run reads the batches the
+    killed one would have read next."""
 
     def __init__(
         self,
-        cfg: DictConfig,
         model: nn.Module,
         loader: DataLoader,
-        stage_dir: Path,
-        stage: str,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        max_iters: int,
         device: torch.device,
         forward_fn: ForwardFn = detection_forward,
-        hooks: list[Hook] | None = None,
-        fingerprint: str | None = None,
-        categories: list[dict] | None = None,
+        hooks: Sequence[Hook] = (),
+        clip_grad_norm: float | None = None,
+        amp_dtype: str | None = None,
+        name: str = "train",
     ):
-        self.cfg = cfg
-        self.tcfg = cfg.trainer
-        self.stage = stage
-        self.stage_dir = Path(stage_dir)
-        self.device = device
+        if max_iters < 1:
+            raise ValueError(f"Trainer: max_iters {max_iters}; expected at least 1")
+        self.model = model
         self.loader = loader
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.max_iters = int(max_iters)
+        self.device = device
+        self.forward_fn = forward_fn
+        self.hooks = list(hooks)
+        self.clip_grad_norm = clip_grad_norm
+        if amp_dtype not in AMP_DTYPES:
+            raise UserError(f"trainer.amp_dtype: {amp_dtype!r}; expected one of {list(AMP_DTYPES)}")
+        # Mixed precision: autocast to amp_dtype on the model's device; gradient scaling only for float16, whose
+        # narrow exponent range underflows small gradients (bfloat16 has float32's range).
+        self.amp_dtype = AMP_DTYPES[amp_dtype]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
+        self.name = name
         # Each epoch's shuffle is seeded from the loader's own seed (rank-specific under DDP) and the epoch.
         self.loader_seed = loader.generator.initial_seed() if getattr(loader, "generator", None) is not None else None
-        self.forward_fn = forward_fn
-        self.fingerprint = fingerprint
-        self.categories = categories
-        self.hooks = [LogHook(self.tcfg.log_every), CheckpointHook(self.tcfg.checkpoint_every), *(hooks or [])]
-        self.max_iters = self.tcfg.max_iters if self.tcfg.epochs is None else self.tcfg.epochs * len(loader)
-        if self.max_iters < 1 and self.tcfg.epochs is not None:
-            raise UserError(
-                f"trainer.epochs: {self.tcfg.epochs} x {len(loader)} batches per epoch gives {self.max_iters} "
-                "iterations; expected at least 1"
-            )
-        if self.max_iters < 1:
-            raise UserError(f"trainer.max_iters: {self.max_iters}; expected at least 1")
-        model.to(device)
-        self.optimizer = build_optimizer(model, self.tcfg.optimizer)
-        self.scheduler = build_scheduler(self.optimizer, self.max_iters, self.tcfg.scheduler)
-        self.amp = bool(self.tcfg.amp) and device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        if is_distributed():
-            ids = [device.index] if device.type == "cuda" else None
-            # Auxiliary heads may leave parameters without gradient in a step (e.g. no positives).
-            model = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
-        self.model = model
         self.iter = 0
         self.epoch = 0
         self.last_losses: dict[str, float] = {}
-        self.logger: MetricsLogger | None = None
+        self.step_seconds = 0.0
+        self.train_seconds = 0.0
 
-    # --- checkpoints -------------------------------------------------------------------------------------
-    def state(self, rng_states: list[dict]) -> dict:
-        """The full training state (last.pth); `rng_states` holds every rank's generators, in rank order."""
-        return checkpoint_payload(
-            unwrap(self.model).state_dict(),
-            stage=self.stage,
-            iteration=self.iter,
-            config=OmegaConf.to_container(self.cfg, resolve=True),
-            fingerprint=self.fingerprint,
-            categories=self.categories,
-            optimizer=self.optimizer.state_dict(),
-            scheduler=self.scheduler.state_dict(),
-            scaler=self.scaler.state_dict(),
-            hooks=[hook.state_dict() for hook in self.hooks],
-            rng=rng_states,
-        )
+    # --- state -------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Weights, optimizer, schedule, gradient scaler, iteration and every hook's state."""
+        return {
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "iter": self.iter,
+            # By class name: a resumed run may attach other stateless hooks, in another order.
+            "hooks": {type(hook).__name__: hook.state_dict() for hook in self.hooks if hook.state_dict()},
+        }
 
-    def save(self, name: str) -> Path:
-        path = self.stage_dir / name
-        rng_states = all_gather_object(get_rng_state())
-        if is_main_process():
-            save_checkpoint(path, self.state(rng_states))
-        barrier()
-        return path
-
-    def resume(self) -> bool:
-        """Continue from last.pth: weights, optimizer, schedule, scaler, iteration, hook states and this rank's
-        random generators. A last.pth written under another fingerprint is refused."""
-        path = self.stage_dir / LAST_NAME
-        if not path.exists():
-            return False
-        payload = read_checkpoint(path)
-        if payload.get("fingerprint") != self.fingerprint:
-            raise UserError(
-                f"{path}: written by a run with fingerprint {payload.get('fingerprint')}, not this run's "
-                f"{self.fingerprint}; expected the same settings to resume it"
-            )
-        unwrap(self.model).load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
-        self.scheduler.load_state_dict(payload["scheduler"])
-        self.scaler.load_state_dict(payload["scaler"])
-        for hook, state in zip(self.hooks, payload.get("hooks", [])):
-            hook.load_state_dict(state)
-        rng_states = payload.get("rng") or []
-        if rank() < len(rng_states):
-            set_rng_state(rng_states[rank()])
-        self.iter = int(payload["iter"])
-        log.info("[%s] resumed from %s at iteration %d", self.stage, path, self.iter)
-        return True
+    def load_state_dict(self, state: dict) -> None:
+        unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        hook_states = state.get("hooks", {})
+        for hook in self.hooks:
+            if type(hook).__name__ in hook_states:
+                hook.load_state_dict(hook_states[type(hook).__name__])
+        self.iter = int(state["iter"])
 
     # --- the loop ----------------------------------------------------------------------------------------
     def batches(self) -> Iterator:
@@ -203,15 +179,16 @@ class Trainer:
             self.epoch, done = self.epoch + 1, 0
 
     def run_step(self, batch) -> LossDict:
-        autocast = torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext()
+        """One optimisation step on `batch`: forward, the summed loss, backward, clipping, optimizer and schedule."""
+        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
         with autocast:
             losses = self.forward_fn(self.model, batch, self.device)
         loss = total_loss(losses)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        if self.tcfg.clip_grad_norm:
+        if self.clip_grad_norm:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.clip_grad_norm)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -219,20 +196,12 @@ class Trainer:
         return losses
 
     def train(self) -> dict:
-        """Run to max_iters; returns the iteration and the last logged losses. Writes last.pth periodically and at
-        the end; the stage then writes its checkpoint.pth (`save(CHECKPOINT_NAME)` for the full training state,
-        or a key-filtered part of the model through its StageContext)."""
+        """Run to max_iters; returns the iteration reached and the last step's losses."""
         self.model.train()
-        resumed = self.resume()
-        self.logger = MetricsLogger(self.stage_dir, self.stage, self.cfg, resume_iter=self.iter if resumed else None)
+        for hook in self.hooks:
+            hook.before_train(self)
         data = self.batches()
-        bar = tqdm(
-            total=self.max_iters,
-            initial=self.iter,
-            desc=self.stage,
-            disable=not is_main_process(),
-            dynamic_ncols=True,
-        )
+        bar = tqdm(total=self.max_iters, initial=self.iter, desc=self.name, disable=not is_main_process())
         start = time.perf_counter()
         while self.iter < self.max_iters:
             t0 = time.perf_counter()
@@ -246,14 +215,9 @@ class Trainer:
             bar.set_postfix(loss=f"{self.last_losses['loss']:.3f}")
         bar.close()
         self.train_seconds = time.perf_counter() - start
-        self.save(LAST_NAME)
+        for hook in self.hooks:
+            hook.after_train(self)
         return {"iter": self.iter, "final_losses": self.last_losses}
-
-    def close(self) -> None:
-        """Finish the metrics logger (and its W&B run, uploading checkpoint.pth when `logger.log_checkpoints`):
-        called by the stage once its checkpoint.pth is written."""
-        if self.logger is not None:
-            self.logger.close()
 
     def lr(self) -> float:
         """The base learning rate (the group with multiplier 1, else the first)."""
@@ -262,14 +226,77 @@ class Trainer:
         return group["lr"]
 
 
-class LogHook(Hook):
-    """Every `every` steps: mean of each loss term over the interval, lr, seconds per iteration and ETA."""
+class CheckpointHook(Hook):
+    """last.pth: the full training state plus every rank's random generators, wrapped by `payload` (the stage's
+    checkpoint layout: stage, config, fingerprint...), saved every `every` steps and at the end. `resume` loads
+    it back (refused when the file's fingerprint is not `fingerprint`). Listed after the hooks whose state it
+    saves (LogHook), so that a step's state is complete when it is written."""
 
-    def __init__(self, every: int):
+    def __init__(self, path: Path, every: int, payload: Callable[[dict], dict], fingerprint: str | None):
+        self.path = Path(path)
         self.every = max(1, int(every))
+        self.payload = payload
+        self.fingerprint = fingerprint
+
+    def save(self, trainer: Trainer) -> Path:
+        """Write the training state to last.pth; a collective call under DDP."""
+        rng_states = all_gather_object(get_rng_state())
+        if is_main_process():
+            save_checkpoint(self.path, self.payload({**trainer.state_dict(), "rng": rng_states}))
+        barrier()
+        return self.path
+
+    def resume(self, trainer: Trainer) -> bool:
+        """Continue from last.pth when it exists: the trainer's state, its hooks' and this rank's generators."""
+        if not self.path.exists():
+            return False
+        payload = read_checkpoint(self.path)
+        if payload.get("fingerprint") != self.fingerprint:
+            raise UserError(
+                f"{self.path}: written by a run with fingerprint {payload.get('fingerprint')}, not this run's "
+                f"{self.fingerprint}; expected the same settings to resume it"
+            )
+        trainer.load_state_dict(payload)
+        rng_states = payload.get("rng") or []
+        if rank() < len(rng_states):
+            set_rng_state(rng_states[rank()])
+        log.info("[%s] resumed from %s at iteration %d", trainer.name, self.path, trainer.iter)
+        return True
+
+    def after_step(self, trainer: Trainer) -> None:
+        if trainer.iter % self.every == 0 and trainer.iter < trainer.max_iters:
+            self.save(trainer)
+
+    def after_train(self, trainer: Trainer) -> None:
+        self.save(trainer)
+
+
+class CallbackHook(Hook):
+    """Calls `after_train(trainer)` once training ends: the stage's final checkpoint.pth, listed before the
+    LogHook, which closes the W&B run (and may upload that file)."""
+
+    def __init__(self, after_train: Callable[[Trainer], object]):
+        self.callback = after_train
+
+    def after_train(self, trainer: Trainer) -> None:
+        self.callback(trainer)
+
+
+class LogHook(Hook):
+    """Every `every` steps: the mean of each loss term over the interval, lr, seconds per iteration and ETA, to
+    the console, metrics.jsonl and W&B (the `MetricsLogger` that `make_logger(resume_iter)` opens before
+    training, truncating metrics.jsonl to what a resumed run's checkpoint holds). Closes the logger after training."""
+
+    def __init__(self, every: int, make_logger: Callable[[int | None], MetricsLogger]):
+        self.every = max(1, int(every))
+        self.make_logger = make_logger
+        self.logger: MetricsLogger | None = None
         self.sums: dict[str, float] = {}
         self.count = 0
         self.seconds = 0.0
+
+    def before_train(self, trainer: Trainer) -> None:
+        self.logger = self.make_logger(trainer.iter if trainer.iter > 0 else None)
 
     def after_step(self, trainer: Trainer) -> None:
         for k, v in trainer.last_losses.items():
@@ -283,8 +310,12 @@ class LogHook(Hook):
         eta = sec * (trainer.max_iters - trainer.iter)
         values = {**means, "lr": trainer.lr(), "sec_per_iter": sec, "eta_min": eta / 60}
         values = {k: (v if math.isfinite(v) else str(v)) for k, v in values.items()}
-        trainer.logger.log(trainer.iter, values)
+        self.logger.log(trainer.iter, values)
         self.sums, self.count, self.seconds = {}, 0, 0.0
+
+    def after_train(self, trainer: Trainer) -> None:
+        if self.logger is not None:
+            self.logger.close()
 
     def state_dict(self) -> dict:
         # The running sums of the interval in progress, so a resumed run logs the same means.
@@ -294,12 +325,57 @@ class LogHook(Hook):
         self.sums, self.count, self.seconds = dict(state["sums"]), int(state["count"]), float(state["seconds"])
 
 
-class CheckpointHook(Hook):
-    """Every `every` steps: last.pth, for resuming a killed run with the same command."""
+def iterations(max_iters: int, epochs: int | None, batches_per_epoch: int) -> int:
+    """`max_iters`, or `epochs` x batches per epoch when epochs is set; a UserError when that gives none."""
+    if epochs is not None:
+        total = int(epochs) * batches_per_epoch
+        if total < 1:
+            raise UserError(
+                f"trainer.epochs: {epochs} x {batches_per_epoch} batches per epoch gives {total} iterations; "
+                "expected at least 1"
+            )
+        return total
+    if max_iters < 1:
+        raise UserError(f"trainer.max_iters: {max_iters}; expected at least 1")
+    return int(max_iters)
 
-    def __init__(self, every: int):
-        self.every = max(1, int(every))
 
-    def after_step(self, trainer: Trainer) -> None:
-        if trainer.iter % self.every == 0 and trainer.iter < trainer.max_iters:
-            trainer.save(LAST_NAME)
+def compile_modules(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """torch.compile, in place, every submodule whose qualified name is one of `names` or ends with `.<name>`
+    (`backbone` also finds AlignDet's `detector.backbone`); returns the compiled names. In place (`Module.compile`)
+    keeps the state-dict keys. The parts compiled are the dense tensor work: the whole detector, with its
+    matching, assigners and host-side bookkeeping, breaks the graph at every `.item()` and compiles for minutes."""
+    wanted = tuple(names)
+    compiled = []
+    for name, module in model.named_modules():
+        if name and any(name == n or name.endswith(f".{n}") for n in wanted):
+            if any(name.startswith(f"{done}.") for done in compiled):
+                continue
+            module.compile()
+            compiled.append(name)
+    if wanted and not compiled:
+        raise UserError(f"trainer.compile_modules: none of {list(wanted)} names a submodule of {type(model).__name__}")
+    return compiled
+
+
+def wrap_model(model: nn.Module, device: torch.device, distributed: bool) -> nn.Module:
+    """`model` on `device`, in DistributedDataParallel when `distributed`."""
+    model.to(device)
+    if not distributed:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    # Auxiliary heads may leave parameters without gradient in a step (e.g. no positives).
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+
+
+def run_steps(trainer: Trainer, batches: Iterable, steps: int) -> list[float]:
+    """Seconds of each of `steps` `run_step` calls, cycling through `batches` (the benchmarks' timing loop)."""
+    batches = list(batches)
+    seconds = []
+    for i in range(steps):
+        start = time.perf_counter()
+        trainer.run_step(batches[i % len(batches)])
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize(trainer.device)
+        seconds.append(time.perf_counter() - start)
+    return seconds

@@ -4,7 +4,7 @@ Each query attends to `num_points` sampled locations per level and head, placed 
 by learned offsets and mixed by learned weights (softmax over levels x points).
 
 The sampling has two backends behind one call: `F.grid_sample` here ("pytorch", runs anywhere) and the Triton
-kernels of `models/ms_deform_attn_triton.py` ("triton", CUDA; Triton's interpreter runs them on CPU when
+kernels of `models/layers/ms_deform_attn_triton.py` ("triton", CUDA; Triton's interpreter runs them on CPU when
 TRITON_INTERPRET=1 is set before triton is imported). "auto" takes Triton for CUDA tensors when triton imports,
 else grid_sample.
 """
@@ -56,7 +56,7 @@ MSDA_BACKENDS = ("auto", "pytorch", "triton")
 def _triton_sampler() -> Callable[..., Tensor] | ImportError:
     """`ms_deform_attn_triton`, or why it does not import; imported on first use, as only CUDA runs need triton."""
     try:
-        from models.ms_deform_attn_triton import ms_deform_attn_triton
+        from models.layers.ms_deform_attn_triton import ms_deform_attn_triton
     except ImportError as err:
         return err
     return ms_deform_attn_triton

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torchvision
 from torch import Tensor, nn
-from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FrozenBatchNorm2d
+
+from models.layers.tv_detection import IntermediateLayerGetter
 
 _RESNETS = {
     18: torchvision.models.resnet18,
@@ -72,3 +73,8 @@ class ResNetBackbone(nn.Module):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         return list(self.body(x).values())
+
+
+def pyramid_strides(backbone: ResNetBackbone, num_extra: int) -> list[int]:
+    """The backbone levels' strides and `num_extra` coarser ones, each twice the last (a neck's extra levels)."""
+    return list(backbone.strides) + [backbone.strides[-1] * 2 ** (i + 1) for i in range(num_extra)]

@@ -10,7 +10,7 @@ the loss between the online predictions p1, p2 and the target projections z1, z2
 
 - BYOL (Grill et al., 2020): normalised MSE `2 - 2 cos(p, z)` to the other view's target, symmetrised. No
   negatives. On this repository's small synthetic images its features collapse onto fewer and fewer directions
-  as it trains (README "Measured").
+  as it trains (docs/results.md).
 - MoCo v3 (Chen, Xie and He, 2021): InfoNCE with temperature T between p1 and all z2 of the batch (the positive
   is the same image's), symmetrised and scaled by 2T: `2T [CE(p1 z2^T / T) + CE(p2 z1^T / T)]`. The negatives
   are the other images of the batch (of every process under DDP), so no queue is needed. It is the method that
@@ -33,7 +33,7 @@ def pooled_features(encoder: nn.Module, images: Tensor) -> Tensor:
     """[B, C] global-average-pooled last feature map of `encoder(images)`.
 
     The encoder may return a map [B, C, h, w], an already pooled [B, C], or a dict / list of maps whose last
-    entry is the deepest (C5), as `models.backbone.ResNetBackbone` does."""
+    entry is the deepest (C5), as `models.layers.backbone.ResNetBackbone` does."""
     out = encoder(images)
     if isinstance(out, dict):
         out = list(out.values())[-1]

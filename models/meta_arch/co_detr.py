@@ -4,12 +4,13 @@ Training reads top to bottom: preprocess -> encode -> one-to-one queries decoded
 multi-scale adapter on the encoder memory -> for each auxiliary head i: its one-to-many losses
 (`aux{i}_{name}/`) and its positives -> customised positive queries -> one more pass of the shared decoder ->
 losses under the head's own assignment (`aux{i}_{name}_queries/`). Evaluation is the parent's path, untouched: no
-auxiliary module runs, so a Co-DETR checkpoint predicts exactly like the plain DETR it contains.
+auxiliary module runs, so a Co-DETR checkpoint predicts exactly like the plain DETR it contains. Box-domain
+pre-training (`align_outputs`) runs the same heads through the same `run_aux_heads` as training.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,13 +18,14 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import clip_boxes_to_image
 
-from models.box_coding import normalize_boxes
-from models.deformable_transformer import Decoded, Encoded
-from models.detr import DeformableDETR
-from models.detr_loss import num_target_boxes
+from models.errors import ModelConfigError
 from models.heads.base import AuxHead, AuxPositives
 from models.heads.common import random_subset
-from stages.errors import UserError
+from models.layers.box_coding import normalize_boxes
+from models.layers.deformable_transformer import Decoded, Encoded
+from models.losses.detr_loss import num_target_boxes
+from models.meta_arch.deformable_detr import DeformableDETR, one_class_targets
+from models.pretrain.align_outputs import DEFAULT_ALIGN_OPTIONS, AlignOptions, AlignOutputs
 
 
 @dataclass
@@ -113,15 +115,16 @@ class CoDeformableDETR(DeformableDETR):
         super().__init__(**detr_args)
         if len(aux_heads) != len(aux_head_names):
             raise ValueError(f"CoDeformableDETR: {len(aux_heads)} aux heads but {len(aux_head_names)} names")
-        if min(lambda1, lambda2) < 0 or lambda2_in_head_weights <= 0:
-            raise UserError(
-                f"model.detector: lambda1 {lambda1}, lambda2 {lambda2}, lambda2_in_head_weights "
-                f"{lambda2_in_head_weights}; expected lambdas >= 0 and lambda2_in_head_weights > 0"
-            )
+        for argument, value in (("lambda1", lambda1), ("lambda2", lambda2)):
+            if value < 0:
+                raise ModelConfigError(argument, f"got {value}; expected >= 0")
+        if lambda2_in_head_weights <= 0:
+            raise ModelConfigError("lambda2_in_head_weights", f"got {lambda2_in_head_weights}; expected > 0")
         if not 1 <= min_pos_queries <= max_pos_queries:
-            raise UserError(
-                f"model.detector: min_pos_queries {min_pos_queries}, max_pos_queries {max_pos_queries}; "
-                "expected 1 <= min_pos_queries <= max_pos_queries"
+            raise ModelConfigError(
+                "min_pos_queries",
+                f"{min_pos_queries} with max_pos_queries {max_pos_queries}; expected 1 <= min_pos_queries <= "
+                "max_pos_queries",
             )
         self.aux_head_names = list(aux_head_names)
         self.lambda1 = lambda1
@@ -149,9 +152,10 @@ class CoDeformableDETR(DeformableDETR):
             if not isinstance(head, AuxHead):
                 raise TypeError(f"CoDeformableDETR: head {name} is a {type(head).__name__}; expected an AuxHead")
             if list(head.strides) != self.aux_strides:
-                raise UserError(
-                    f"model.aux_strides: head {name} was built for strides {list(head.strides)}; the adapter's "
-                    f"maps for this DETR's levels have strides {self.aux_strides}"
+                raise ModelConfigError(
+                    "aux_heads",
+                    f"head {name} was built for strides {list(head.strides)}; the adapter's maps for this DETR's "
+                    f"levels have strides {self.aux_strides}",
                 )
             self.aux_heads.append(head)
             self.aux_query_embed.append(nn.Linear(2 * d, 2 * d))
@@ -249,10 +253,12 @@ class CoDeformableDETR(DeformableDETR):
             losses.update({f"{name}{suffix}": self.lambda1 * value for name, value in layer_losses.items()})
         return losses
 
-    def auxiliary_losses(
+    def run_aux_heads(
         self, encoded: Encoded, image_sizes: list[tuple[int, int]], targets: list[dict[str, Tensor]]
-    ) -> dict[str, Tensor]:
-        """Every auxiliary head's own losses and its customised-query losses, keys prefixed by the head's name.
+    ) -> Iterator[tuple[int, str, dict[str, Tensor], AuxPositives]]:
+        """Every auxiliary head on the adapter's maps of `encoded`, one at a time: (index, name, its losses times
+        lambda2 / lambda2_in_head_weights, its positives). A generator, so that the caller's work on one head
+        happens before the next head runs (random draws stay in that order).
 
         targets: per image {"boxes" [G, 4] xyxy pixels, "labels" [G]}."""
         maps = self.adapter(encoded.memory, encoded.spatial_shapes, encoded.level_start_index)
@@ -264,10 +270,19 @@ class CoDeformableDETR(DeformableDETR):
             }
             for t in targets
         ]
-        losses: dict[str, Tensor] = {}
         for index, (name, head) in enumerate(zip(self.aux_head_names, self.aux_heads)):
             head_losses, positives = head(maps, self.aux_strides, image_sizes, pixel_targets)
-            losses.update({f"{name}/{key}": self.head_loss_scale * value for key, value in head_losses.items()})
+            yield index, name, {key: self.head_loss_scale * value for key, value in head_losses.items()}, positives
+
+    def auxiliary_losses(
+        self, encoded: Encoded, image_sizes: list[tuple[int, int]], targets: list[dict[str, Tensor]]
+    ) -> dict[str, Tensor]:
+        """Every auxiliary head's own losses and its customised-query losses, keys prefixed by the head's name.
+
+        targets: per image {"boxes" [G, 4] xyxy pixels, "labels" [G]}."""
+        losses: dict[str, Tensor] = {}
+        for index, name, head_losses, positives in self.run_aux_heads(encoded, image_sizes, targets):
+            losses.update({f"{name}/{key}": value for key, value in head_losses.items()})
             group = self.build_query_group(positives, image_sizes)
             content, query_pos = self.positive_queries(index, group)
             decoded = self.decode_queries(
@@ -275,6 +290,48 @@ class CoDeformableDETR(DeformableDETR):
             )
             losses.update({f"{name}_queries/{key}": value for key, value in self.query_losses(decoded, group).items()})
         return losses
+
+    # ---- AlignDet: the parent's "detr" branch plus one branch per auxiliary head ----
+
+    def align_feature_dims(self) -> dict[str, int]:
+        """The parent's, plus {"aux{i}_{name}": the head's input width}."""
+        dims = super().align_feature_dims()
+        dims.update({name: int(head.in_channels) for name, head in zip(self.aux_head_names, self.aux_heads)})
+        return dims
+
+    def align_drop_keys(self, options: AlignOptions = DEFAULT_ALIGN_OPTIONS) -> list[str]:
+        """The parent's, plus every auxiliary head's classifier."""
+        keys = super().align_drop_keys(options)
+        for index, head in enumerate(self.aux_heads):
+            keys += [f"aux_heads.{index}.{prefix}" for prefix in head.align_drop_keys()]
+        return keys
+
+    def align_encoded(
+        self,
+        encoded: Encoded,
+        image_sizes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]],
+        with_losses: bool,
+        options: AlignOptions,
+    ) -> AlignOutputs:
+        """Branch "aux{i}_{name}": auxiliary head i on the same encoder memory with the proposals as targets (one
+        class); its own assigner picks its positives, whose features carry the id of the proposal they were
+        assigned; its losses are the head's own but for its classification loss."""
+        out = super().align_encoded(encoded, image_sizes, targets, with_losses, options)
+        if not self.num_aux_heads:
+            return out
+        device = self.pixel_mean.device
+        ids = [t["ids"].to(device=device, dtype=torch.int64) for t in targets]
+        proposals = one_class_targets(targets, device)
+        for index, name, head_losses, positives in self.run_aux_heads(encoded, image_sizes, proposals):
+            out.features[name] = torch.cat(positives.features)
+            out.ids[name] = torch.cat(
+                [image_ids[gt.to(image_ids.device)] for image_ids, gt in zip(ids, positives.gt_indices, strict=True)]
+            )
+            if with_losses:
+                skip = self.aux_heads[index].classification_loss_key
+                out.losses.update({f"{name}/{key}": value for key, value in head_losses.items() if key != skip})
+        return out
 
     def forward(
         self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None

@@ -1,7 +1,8 @@
 """Deformable-DETR meta-architecture (torchvision-style forward), built so Co-DETR can reuse its pieces.
 
 forward reads top to bottom: preprocess -> encode (backbone, neck, positions, encoder) -> initial queries
--> decode -> losses (training) or postprocess (eval).
+-> decode -> losses (training) or postprocess (eval). `align_outputs` serves AlignDet box-domain pre-training
+(models/pretrain/align_outputs.py) from the same pieces.
 """
 
 from __future__ import annotations
@@ -16,19 +17,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import MLP, clip_boxes_to_image
 
-from models.backbone import ResNetBackbone
-from models.box_coding import denormalize_boxes, inverse_sigmoid, normalize_boxes
-from models.deformable_transformer import Decoded, DeformableTransformer, Encoded
-from models.detr_loss import SetCriterion
-from models.image_list import batch_images
-from models.position_encoding import SinePositionEncoding
-from stages.errors import UserError
+from models.errors import ModelConfigError
+from models.layers.backbone import ResNetBackbone, pyramid_strides
+from models.layers.box_coding import denormalize_boxes, inverse_sigmoid, normalize_boxes
+from models.layers.deformable_transformer import Decoded, DeformableTransformer, Encoded
+from models.layers.image_list import batch_images
+from models.layers.position_encoding import SinePositionEncoding
+from models.losses.detr_loss import SetCriterion, check_finite, num_target_boxes
+from models.pretrain.align_outputs import DEFAULT_ALIGN_OPTIONS, AlignOptions, AlignOutputs
 
 # Focal-loss prior (RetinaNet): class logits start at sigmoid^-1(0.01), so the many negatives do not swamp the
 # first steps.
 CLASS_PRIOR_PROB = 0.01
 # With point references the box size comes from the head alone: start at sigmoid(-2) = 0.12 of the image.
 POINT_REFERENCE_LOG_SIZE = -2.0
+# The AlignDet branch of the decoder's queries.
+DETR_BRANCH = "detr"
 
 
 @dataclass
@@ -96,6 +100,16 @@ class DeformableDETR(nn.Module):
     Training: a dict of weighted losses, keys "detr/loss_{cls,bbox,giou}" (last layer), "..._d{l}" (earlier
     layers), "..._enc" (two-stage). Eval: per image {"boxes" [D, 4] xyxy pixels of that image, "scores" [D],
     "labels" [D]} with D = min(max_detections, Q x K).
+
+    AlignDet branch "detr": the decoder's box predictions are Hungarian-matched to the proposals with a box-only
+    cost (the matcher's L1 and GIoU weights; proposals have no class); its features are the decoder hidden
+    states of the matched queries (every decoder layer, as the reference labels all six, or only the last:
+    `AlignOptions.all_layers`); its losses are the L1 and GIoU losses on every decoder layer plus, two-stage, the
+    class-agnostic encoder-proposal losses (`*_enc`). With `AlignOptions.objectness` every decoder layer's class
+    head also learns the proposals as objects (each matched query a positive of every class logit, the others
+    negatives: `detr/loss_objectness*`) and fine-tuning keeps those heads, so every class starts from "proposal
+    or not" instead of the fresh head's uniform prior; without it the projector replaces the classifier and the
+    class heads are dropped.
     """
 
     def __init__(
@@ -118,9 +132,9 @@ class DeformableDETR(nn.Module):
     ) -> None:
         super().__init__()
         if mixed_query_selection and not two_stage:
-            raise UserError("model.detector.mixed_query_selection: true needs model.detector.two_stage: true")
+            raise ModelConfigError("mixed_query_selection", "true needs two_stage: true")
         if look_forward_twice and not with_box_refine:
-            raise UserError("model.detector.look_forward_twice: true needs model.detector.with_box_refine: true")
+            raise ModelConfigError("look_forward_twice", "true needs with_box_refine: true")
         self.backbone = backbone
         self.neck = neck if isinstance(neck, nn.Module) else neck(in_channels=backbone.out_channels)
         self.transformer = transformer
@@ -141,9 +155,7 @@ class DeformableDETR(nn.Module):
             "pixel_std", torch.tensor(list(pixel_std), dtype=torch.float32).view(-1, 1, 1), persistent=False
         )
 
-        num_levels = transformer.num_feature_levels
-        extra = num_levels - len(backbone.strides)
-        self.strides = list(backbone.strides) + [backbone.strides[-1] * 2 ** (i + 1) for i in range(extra)]
+        self.strides = pyramid_strides(backbone, transformer.num_feature_levels - len(backbone.strides))
         d = transformer.d_model
         num_layers = transformer.num_decoder_layers
         box_head = _box_head(d)
@@ -286,3 +298,86 @@ class DeformableDETR(nn.Module):
         if self.training:
             return self.detr_losses(decoded, queries, self.normalise_targets(targets, sizes))
         return self.postprocess(decoded.logits[-1], decoded.boxes[-1], sizes)
+
+    # ---- AlignDet box-domain pre-training (models/pretrain/align_outputs.py) ----
+
+    def align_feature_dims(self) -> dict[str, int]:
+        return {DETR_BRANCH: int(self.transformer.d_model)}
+
+    def align_drop_keys(self, options: AlignOptions = DEFAULT_ALIGN_OPTIONS) -> list[str]:
+        """The class heads of every decoder layer, unless they were pre-trained as objectness heads. The
+        two-stage encoder's one-logit object head is kept (class-agnostic)."""
+        return [] if options.objectness else [f"class_embed.{layer}." for layer in range(len(self.class_embed))]
+
+    def align_outputs(
+        self,
+        images: list[Tensor],
+        targets: list[dict[str, Tensor]],
+        with_losses: bool,
+        options: AlignOptions = DEFAULT_ALIGN_OPTIONS,
+    ) -> AlignOutputs:
+        """One view: every branch's features with proposal ids, and the box losses against the proposals when
+        `with_losses`. Each image needs N <= num_queries proposals for each to get a query (the matcher pairs
+        min(Q, N)). The encoder runs once; every branch reads the same memory."""
+        tensor, mask, sizes = self.preprocess(images)
+        out = self.align_encoded(self.encode(tensor, mask), sizes, targets, with_losses, options)
+        if with_losses:
+            check_finite(out.losses, f"{type(self).__name__}.align_outputs")
+        return out
+
+    def align_encoded(
+        self,
+        encoded: Encoded,
+        image_sizes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]],
+        with_losses: bool,
+        options: AlignOptions,
+    ) -> AlignOutputs:
+        """The AlignDet branches of an encoded batch: here the "detr" branch (class docstring)."""
+        device = self.pixel_mean.device
+        ids = [t["ids"].to(device=device, dtype=torch.int64) for t in targets]
+        proposals = self.normalise_targets(one_class_targets(targets, device), image_sizes)
+        queries = self.initial_queries(encoded)
+        decoded = self.decode_queries(encoded, queries.content, queries.pos, queries.reference)
+        matcher = self.criterion.matcher.box_only()
+        num_layers = decoded.boxes.shape[0]
+        labelled = range(num_layers) if options.all_layers else [num_layers - 1]
+        num_boxes = num_target_boxes(proposals, decoded.boxes.device)
+        out = AlignOutputs()
+        features, feature_ids = [], []
+        for layer in range(num_layers):
+            if layer not in labelled and not with_losses:
+                continue
+            indices = matcher(None, decoded.boxes[layer], proposals)
+            if layer in labelled:
+                # Image-major, queries ascending within an image: rows and ids are built from the same pairs.
+                for image, (pred, tgt) in enumerate(indices):
+                    features.append(decoded.hidden_states[layer, image, pred.to(decoded.boxes.device)])
+                    feature_ids.append(ids[image][tgt.to(ids[image].device)])
+            if with_losses:
+                losses = self.criterion.loss_for_assignment(
+                    decoded.logits[layer], decoded.boxes[layer], proposals, indices, num_boxes
+                )
+                suffix = "" if layer == num_layers - 1 else f"_d{layer}"
+                for name in ("loss_bbox", "loss_giou"):
+                    out.losses[f"{DETR_BRANCH}/{name}{suffix}"] = losses[name]
+                if options.objectness:
+                    out.losses[f"{DETR_BRANCH}/loss_objectness{suffix}"] = self.criterion.objectness_loss(
+                        decoded.logits[layer], indices, num_boxes
+                    )
+        out.features[DETR_BRANCH] = torch.cat(features)
+        out.ids[DETR_BRANCH] = torch.cat(feature_ids)
+        if with_losses and queries.enc_logits is not None:
+            # Two-stage: the encoder's object-or-not proposals learn the proposals as objects (like an RPN would).
+            enc_losses, _ = self.criterion.match_and_loss(
+                queries.enc_logits, queries.enc_boxes, proposals, num_boxes, queries.enc_valid
+            )
+            out.losses.update({f"{DETR_BRANCH}/{name}_enc": value for name, value in enc_losses.items()})
+        return out
+
+
+def one_class_targets(targets: list[dict[str, Tensor]], device: torch.device) -> list[dict[str, Tensor]]:
+    """AlignDet targets as detection targets of one class: their boxes, every label 0."""
+    return [
+        {"boxes": t["boxes"], "labels": torch.zeros(len(t["boxes"]), dtype=torch.int64, device=device)} for t in targets
+    ]

@@ -44,6 +44,10 @@ class HungarianMatcher(nn.Module):
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
 
+    def box_only(self) -> HungarianMatcher:
+        """This matcher without its class cost: L1 + GIoU only (AlignDet's proposals have no class)."""
+        return HungarianMatcher(0.0, self.cost_bbox, self.cost_giou, self.focal_alpha, self.focal_gamma)
+
     def cost_terms(self, logits: Tensor | None, boxes: Tensor, labels: Tensor, tgt_boxes: Tensor) -> dict[str, Tensor]:
         """The weighted cost terms [Q, N] for one image (float32); only terms with a non-zero weight."""
         terms = {}

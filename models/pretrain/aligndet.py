@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.align_outputs import AlignOutputs
-from models.detr_align import detr_align_drop_keys, detr_align_feature_dims, detr_align_outputs
+from models.pretrain.align_outputs import AlignableDetector, AlignOptions, AlignOutputs
 
 
 def box_contrastive_loss(q_feats: Tensor, q_ids: Tensor, k_feats: Tensor, k_ids: Tensor, temperature: float) -> Tensor:
@@ -111,13 +110,11 @@ def batch_unique_ids(targets1: Sequence[dict], targets2: Sequence[dict]) -> tupl
 
 
 class AlignDet(nn.Module):
-    """The AlignDet wrapper around any detector that speaks the align protocol.
+    """The AlignDet wrapper around any detector that speaks the align protocol (`AlignableDetector`:
+    `align_outputs`, `align_feature_dims`, `align_drop_keys`; every detector in models/meta_arch/ does).
 
-    The detector provides `align_outputs(images, targets, with_losses) -> AlignOutputs`,
-    `align_feature_dims() -> {branch: feature width}` and `align_drop_keys() -> [state-dict substrings]`, or is a
-    DeformableDETR / CoDeformableDETR (served by `models.detr_align`). Targets handed to it carry `boxes` (xyxy
-    pixels, the view's proposals), `labels` (zeros) and `ids` (made unique across the batch here, equal for the
-    same region in both views).
+    Targets handed to the detector carry `boxes` (xyxy pixels, the view's proposals), `labels` (zeros) and `ids`
+    (made unique across the batch here, equal for the same region in both views).
 
     Args:
         detector: the online detector (its weights are what fine-tuning loads).
@@ -128,10 +125,8 @@ class AlignDet(nn.Module):
         contrastive_weight: weight of each branch's contrastive loss.
         freeze_backbone: keep the image-domain backbone (`image_domain_backbone`) as it is: no gradients and
             BatchNorm in eval mode (the reference runs it under no_grad with norm_eval).
-        detr_all_layers: DETR branch only: label the matched queries of every decoder layer (the reference) or
-            only the last.
-        detr_objectness: DETR branch only: also train the decoder class heads to score proposals as objects, and
-            keep them for fine-tuning (`models.detr_align`).
+        detr_all_layers, detr_objectness: the DETR family's `AlignOptions` (`all_layers`, `objectness`), handed
+            to the detector with every call.
 
     forward(images1, targets1, images2, targets2) -> losses: the online detector's box losses on view 1 plus
     `align/loss_contrastive_<branch>` per branch. `update_momentum(progress)` after each optimiser step.
@@ -151,6 +146,10 @@ class AlignDet(nn.Module):
         detr_objectness: bool = False,
     ) -> None:
         super().__init__()
+        if not isinstance(detector, AlignableDetector):
+            raise TypeError(
+                f"AlignDet: {type(detector).__name__} has no align_outputs / align_feature_dims / align_drop_keys"
+            )
         if not 0.0 <= base_momentum <= 1.0:
             raise ValueError(f"AlignDet: base_momentum {base_momentum}; expected in [0, 1]")
         if temperature <= 0 or contrastive_weight < 0:
@@ -160,9 +159,8 @@ class AlignDet(nn.Module):
         self.base_momentum = float(base_momentum)
         self.contrastive_weight = float(contrastive_weight)
         self.freeze_backbone = bool(freeze_backbone)
-        self.detr_all_layers = bool(detr_all_layers)
-        self.detr_objectness = bool(detr_objectness)
-        self.feature_dims = self.align_feature_dims(detector)
+        self.options = AlignOptions(all_layers=bool(detr_all_layers), objectness=bool(detr_objectness))
+        self.feature_dims = dict(detector.align_feature_dims())
         self.projectors = nn.ModuleDict(
             {
                 branch: projector(dim, projector_hidden_dim or dim, projector_out_dim)
@@ -178,28 +176,17 @@ class AlignDet(nn.Module):
             p.requires_grad_(False)
         self.train(self.training)
 
-    # ---- the align protocol, with the DETR family served by models.detr_align ----
+    # ---- the align protocol, called with this wrapper's options ----
 
-    @staticmethod
-    def align_feature_dims(detector: nn.Module) -> dict[str, int]:
-        if hasattr(detector, "align_feature_dims"):
-            return dict(detector.align_feature_dims())
-        return detr_align_feature_dims(detector)
-
-    def align_drop_keys(self, detector: nn.Module) -> list[str]:
+    def align_drop_keys(self, detector: nn.Module | None = None) -> list[str]:
         """State-dict substrings fine-tuning leaves out of the online detector's weights (its classifiers)."""
-        if hasattr(detector, "align_drop_keys"):
-            return list(detector.align_drop_keys())
-        return detr_align_drop_keys(detector, objectness=self.detr_objectness)
+        return list((self.detector if detector is None else detector).align_drop_keys(self.options))
 
     def align_outputs(
         self, detector: nn.Module, images: list[Tensor], targets: list[dict[str, Tensor]], with_losses: bool
     ) -> AlignOutputs:
-        if hasattr(detector, "align_outputs"):
-            return detector.align_outputs(images, targets, with_losses)
-        return detr_align_outputs(
-            detector, images, targets, with_losses, all_layers=self.detr_all_layers, objectness=self.detr_objectness
-        )
+        """One view through `detector` (the online one or its momentum copy)."""
+        return detector.align_outputs(images, targets, with_losses, self.options)
 
     # ---- training ----
 

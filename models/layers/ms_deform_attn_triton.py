@@ -1,6 +1,6 @@
 """Multi-scale deformable attention as two Triton kernels (forward; backward for values, locations and weights).
 
-The contract is `models.ms_deform_attn.ms_deform_attn_sample`'s: value [B, S, H, Dh] (levels flattened one after
+The contract is `models.layers.ms_deform_attn.ms_deform_attn_sample`'s: value [B, S, H, Dh] (levels flattened one after
 another), locations [B, Q, H, L, P, 2] as (x, y) in [0, 1] of each level's map, weights [B, Q, H, L, P] ->
 [B, Q, H * Dh]. Sampling is bilinear with grid_sample's align_corners=False convention (pixel = loc * size - 0.5)
 and zeros outside the map; arithmetic is float32 whatever the inputs; the result has value's dtype.
@@ -33,6 +33,75 @@ _INT32_LIMIT = 2**31 - 1
 # triton.jit makes a kernel compiled or interpreted when it decorates it, and triton's own library (tl.sum,
 # tl.zeros) when triton is imported: TRITON_INTERPRET must be set before that, and later changes do nothing.
 INTERPRETED = bool(triton.knobs.runtime.interpret)
+
+
+@triton.jit
+def _bilinear_corners(
+    value_ptr,
+    loc_ptr,
+    lp,
+    q_ok,
+    col_ok,
+    d,
+    h,
+    w,
+    level_start,
+    head,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    """The four corners of sampling point `lp` of each query (north-west (x0, y0), north-east (x0 + 1, y0),
+    south-west (x0, y0 + 1), south-east): their value offsets and masks [BLOCK_Q, BLOCK_D] (False outside the
+    map), their values in float32, and the bilinear weights wx0, wx1, wy0, wy1 [BLOCK_Q, 1]; pixel = loc * size
+    - 0.5 (grid_sample's align_corners=False). The forward and the backward kernel walk the same corners."""
+    # A point beyond the map has no corner inside whether it is 2 or 2e9 pixels out; the clamp only keeps the
+    # integer conversion below in range.
+    px = tl.minimum(tl.maximum(tl.load(loc_ptr + 2 * lp, mask=q_ok, other=0.0) * w - 0.5, -2.0), w + 1.0)
+    py = tl.minimum(tl.maximum(tl.load(loc_ptr + 2 * lp + 1, mask=q_ok, other=0.0) * h - 0.5, -2.0), h + 1.0)
+    x0f = tl.floor(px)
+    y0f = tl.floor(py)
+    fx = px - x0f
+    fy = py - y0f
+    x0 = x0f.to(tl.int32)
+    y0 = y0f.to(tl.int32)
+    x0_in = (x0 >= 0) & (x0 < w)
+    x1_in = (x0 + 1 >= 0) & (x0 + 1 < w)
+    y0_in = (y0 >= 0) & (y0 < h)
+    y1_in = (y0 + 1 >= 0) & (y0 + 1 < h)
+    nw_off = (((level_start + y0 * w + x0) * NUM_HEADS + head) * HEAD_DIM)[:, None] + d[None, :]
+    ne_off = nw_off + NUM_HEADS * HEAD_DIM
+    sw_off = nw_off + w * NUM_HEADS * HEAD_DIM
+    se_off = sw_off + NUM_HEADS * HEAD_DIM
+    nw_mask = (q_ok & y0_in & x0_in)[:, None] & col_ok
+    ne_mask = (q_ok & y0_in & x1_in)[:, None] & col_ok
+    sw_mask = (q_ok & y1_in & x0_in)[:, None] & col_ok
+    se_mask = (q_ok & y1_in & x1_in)[:, None] & col_ok
+    v_nw = tl.load(value_ptr + nw_off, mask=nw_mask, other=0.0).to(tl.float32)
+    v_ne = tl.load(value_ptr + ne_off, mask=ne_mask, other=0.0).to(tl.float32)
+    v_sw = tl.load(value_ptr + sw_off, mask=sw_mask, other=0.0).to(tl.float32)
+    v_se = tl.load(value_ptr + se_off, mask=se_mask, other=0.0).to(tl.float32)
+    wx0 = (1 - fx)[:, None]
+    wx1 = fx[:, None]
+    wy0 = (1 - fy)[:, None]
+    wy1 = fy[:, None]
+    return (
+        nw_off,
+        ne_off,
+        sw_off,
+        se_off,
+        nw_mask,
+        ne_mask,
+        sw_mask,
+        se_mask,
+        v_nw,
+        v_ne,
+        v_sw,
+        v_se,
+        wx0,
+        wx1,
+        wy0,
+        wy1,
+    )
 
 
 @triton.jit
@@ -74,37 +143,9 @@ def _forward_kernel(
         for point in range(NUM_POINTS):
             lp = (row * NUM_LEVELS + level) * NUM_POINTS + point
             attn = tl.load(weight_ptr + lp, mask=q_ok, other=0.0)
-            # A point beyond the map has no corner inside whether it is 2 or 2e9 pixels out; the clamp only
-            # keeps the integer conversion below in range.
-            px = tl.minimum(tl.maximum(tl.load(loc_ptr + 2 * lp, mask=q_ok, other=0.0) * w - 0.5, -2.0), w + 1.0)
-            py = tl.minimum(tl.maximum(tl.load(loc_ptr + 2 * lp + 1, mask=q_ok, other=0.0) * h - 0.5, -2.0), h + 1.0)
-            x0f = tl.floor(px)
-            y0f = tl.floor(py)
-            fx = px - x0f
-            fy = py - y0f
-            x0 = x0f.to(tl.int32)
-            y0 = y0f.to(tl.int32)
-            x0_in = (x0 >= 0) & (x0 < w)
-            x1_in = (x0 + 1 >= 0) & (x0 + 1 < w)
-            y0_in = (y0 >= 0) & (y0 < h)
-            y1_in = (y0 + 1 >= 0) & (y0 + 1 < h)
-            # Corners north-west (x0, y0), north-east (x0 + 1, y0), south-west (x0, y0 + 1), south-east.
-            nw_off = (((level_start + y0 * w + x0) * NUM_HEADS + head) * HEAD_DIM)[:, None] + d[None, :]
-            ne_off = nw_off + NUM_HEADS * HEAD_DIM
-            sw_off = nw_off + w * NUM_HEADS * HEAD_DIM
-            se_off = sw_off + NUM_HEADS * HEAD_DIM
-            nw_mask = (q_ok & y0_in & x0_in)[:, None] & col_ok
-            ne_mask = (q_ok & y0_in & x1_in)[:, None] & col_ok
-            sw_mask = (q_ok & y1_in & x0_in)[:, None] & col_ok
-            se_mask = (q_ok & y1_in & x1_in)[:, None] & col_ok
-            v_nw = tl.load(value_ptr + nw_off, mask=nw_mask, other=0.0).to(tl.float32)
-            v_ne = tl.load(value_ptr + ne_off, mask=ne_mask, other=0.0).to(tl.float32)
-            v_sw = tl.load(value_ptr + sw_off, mask=sw_mask, other=0.0).to(tl.float32)
-            v_se = tl.load(value_ptr + se_off, mask=se_mask, other=0.0).to(tl.float32)
-            wx0 = (1 - fx)[:, None]
-            wx1 = fx[:, None]
-            wy0 = (1 - fy)[:, None]
-            wy1 = fy[:, None]
+            (_, _, _, _, _, _, _, _, v_nw, v_ne, v_sw, v_se, wx0, wx1, wy0, wy1) = _bilinear_corners(
+                value_ptr, loc_ptr, lp, q_ok, col_ok, d, h, w, level_start, head, NUM_HEADS, HEAD_DIM
+            )
             sample = (v_nw * wx0 + v_ne * wx1) * wy0 + (v_sw * wx0 + v_se * wx1) * wy1
             acc += attn[:, None] * sample
     out_ptrs = out_ptr + (row * HEAD_DIM)[:, None] + d[None, :]
@@ -130,7 +171,7 @@ def _backward_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # The same walk over (level, point) and the same corner arithmetic as _forward_kernel.
+    # The same walk over (level, point) as _forward_kernel.
     batch = tl.program_id(1) // NUM_HEADS
     head = tl.program_id(1) % NUM_HEADS
     q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -156,34 +197,24 @@ def _backward_kernel(
         for point in range(NUM_POINTS):
             lp = (row * NUM_LEVELS + level) * NUM_POINTS + point
             attn = tl.load(weight_ptr + lp, mask=q_ok, other=0.0)
-            px = tl.minimum(tl.maximum(tl.load(loc_ptr + 2 * lp, mask=q_ok, other=0.0) * w - 0.5, -2.0), w + 1.0)
-            py = tl.minimum(tl.maximum(tl.load(loc_ptr + 2 * lp + 1, mask=q_ok, other=0.0) * h - 0.5, -2.0), h + 1.0)
-            x0f = tl.floor(px)
-            y0f = tl.floor(py)
-            fx = px - x0f
-            fy = py - y0f
-            x0 = x0f.to(tl.int32)
-            y0 = y0f.to(tl.int32)
-            x0_in = (x0 >= 0) & (x0 < w)
-            x1_in = (x0 + 1 >= 0) & (x0 + 1 < w)
-            y0_in = (y0 >= 0) & (y0 < h)
-            y1_in = (y0 + 1 >= 0) & (y0 + 1 < h)
-            nw_off = (((level_start + y0 * w + x0) * NUM_HEADS + head) * HEAD_DIM)[:, None] + d[None, :]
-            ne_off = nw_off + NUM_HEADS * HEAD_DIM
-            sw_off = nw_off + w * NUM_HEADS * HEAD_DIM
-            se_off = sw_off + NUM_HEADS * HEAD_DIM
-            nw_mask = (q_ok & y0_in & x0_in)[:, None] & col_ok
-            ne_mask = (q_ok & y0_in & x1_in)[:, None] & col_ok
-            sw_mask = (q_ok & y1_in & x0_in)[:, None] & col_ok
-            se_mask = (q_ok & y1_in & x1_in)[:, None] & col_ok
-            v_nw = tl.load(value_ptr + nw_off, mask=nw_mask, other=0.0).to(tl.float32)
-            v_ne = tl.load(value_ptr + ne_off, mask=ne_mask, other=0.0).to(tl.float32)
-            v_sw = tl.load(value_ptr + sw_off, mask=sw_mask, other=0.0).to(tl.float32)
-            v_se = tl.load(value_ptr + se_off, mask=se_mask, other=0.0).to(tl.float32)
-            wx0 = (1 - fx)[:, None]
-            wx1 = fx[:, None]
-            wy0 = (1 - fy)[:, None]
-            wy1 = fy[:, None]
+            (
+                nw_off,
+                ne_off,
+                sw_off,
+                se_off,
+                nw_mask,
+                ne_mask,
+                sw_mask,
+                se_mask,
+                v_nw,
+                v_ne,
+                v_sw,
+                v_se,
+                wx0,
+                wx1,
+                wy0,
+                wy1,
+            ) = _bilinear_corners(value_ptr, loc_ptr, lp, q_ok, col_ok, d, h, w, level_start, head, NUM_HEADS, HEAD_DIM)
 
             # out = sum attn * sample: d/d attn is <grad_out, sample>.
             sample = (v_nw * wx0 + v_ne * wx1) * wy0 + (v_sw * wx0 + v_se * wx1) * wy1

@@ -1,9 +1,8 @@
-"""What a detector hands the AlignDet wrapper for one view: per-branch features with the proposal id each was
-assigned to by the detector's own assigner, and the detector's box regression losses against the proposals.
+"""The protocol between AlignDet (models/pretrain/aligndet.py) and the detector it pre-trains.
 
-A detector that supports box-domain pre-training implements `AlignableDetector` (the torchvision detectors in
-models/torchvision_detectors.py do); the wrapper builds one projection MLP per branch from
-`align_feature_dims()`.
+Every detector in models/meta_arch/ implements `AlignableDetector` as methods: for one view it hands back
+per-branch features with the proposal id each was assigned by the detector's own assigner, and its box regression
+losses against the proposals; the wrapper builds one projection MLP per branch from `align_feature_dims()`.
 """
 
 from __future__ import annotations
@@ -44,11 +43,31 @@ class AlignOutputs:
                 )
 
 
+@dataclass(frozen=True)
+class AlignOptions:
+    """Choices the AlignDet stage makes about how a detector matches and trains on proposals. Only the DETR
+    family has any to make; the other detectors take them and ignore them.
+
+    all_layers: label the matched queries of every decoder layer (the reference) or only the last.
+    objectness: also train the decoder class heads to score proposals as objects, and keep them for
+        fine-tuning (see DeformableDETR).
+    """
+
+    all_layers: bool = True
+    objectness: bool = False
+
+
+# The options a detector uses when called without any: the reference's (every decoder layer labelled, no objectness).
+DEFAULT_ALIGN_OPTIONS = AlignOptions()
+
+
 @runtime_checkable
 class AlignableDetector(Protocol):
-    """The calls the AlignDet wrapper makes on a detector that brings its own box-domain support."""
+    """What the AlignDet wrapper calls on the detector it pre-trains."""
 
-    def align_outputs(self, images: list[Tensor], targets: list[dict[str, Tensor]], with_losses: bool) -> AlignOutputs:
+    def align_outputs(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]], with_losses: bool, options: AlignOptions
+    ) -> AlignOutputs:
         """`images`: CHW float in [0, 1]; `targets[i]`: `boxes` [n_i, 4] xyxy pixels (the proposals), `labels`
         [n_i] int64 (all 0: one pseudo-class), `ids` [n_i] int64. `with_losses=False`: no regression losses (the
         momentum view, under no_grad)."""
@@ -58,7 +77,7 @@ class AlignableDetector(Protocol):
         """Branch name -> width C_b of `AlignOutputs.features[branch]`, known before any forward pass."""
         ...
 
-    def align_drop_keys(self) -> list[str]:
+    def align_drop_keys(self, options: AlignOptions) -> list[str]:
         """Substrings of state-dict keys to leave out when a box-pretrained checkpoint seeds fine-tuning (the
         classifiers and last regression layers, as AlignDet's weight-extraction script drops them)."""
         ...

@@ -1,4 +1,4 @@
-"""The label assigners of the auxiliary heads, as small stand-alone callables.
+"""The one set of label assigners, used by the Co-DETR auxiliary heads and the standalone detectors alike.
 
 Every assigner answers the same question, "which ground-truth box, if any, does each prior belong to?", and
 returns `matched [A]` int64 with:
@@ -11,52 +11,76 @@ ids as labels. With no ground-truth box every prior is BACKGROUND. All maths is 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
 BACKGROUND = -1
 IGNORE = -2
+# The two reference implementations the detectors follow: mmdet (Co-DETR's auxiliary heads) and torchvision
+# (the standalone FCOS, RetinaNet and Faster R-CNN). Where they disagree, an assigner takes the convention.
+Convention = Literal["mmdet", "torchvision"]
 
 
 class MaxIoUAssigner:
-    """Max-IoU assignment (Faster R-CNN's RPN and RoI head, RetinaNet), mmdet semantics.
+    """Max-IoU assignment (RPNs, RoI heads, RetinaNet).
 
     For each prior, with `iou` its best IoU over the boxes:
     - `iou < neg_iou_thr` -> BACKGROUND; `iou >= pos_iou_thr` -> that best box; otherwise IGNORE;
-    - if `match_low_quality`, every box then also claims the priors with which it has its own highest IoU
-      (all ties), provided that IoU is >= `min_pos_iou` and > 0; when several boxes claim one prior, the box
-      with the largest index wins (mmdet's loop order).
-    assign(boxes [A, 4], gt_boxes [G, 4]) -> matched [A].
+    - `low_quality` then gives each box the priors with which it has its own highest IoU (all ties), in one of
+      two ways:
+      - "mmdet": provided that IoU is >= `min_pos_iou` and > 0, the prior goes to that box; when several
+        boxes claim one prior, the box with the largest index wins (mmdet's loop order);
+      - "torchvision": the prior goes to its own best box, whatever the IoU (torchvision's Matcher);
+      - None: no low-quality matches.
+    assign(boxes [A, 4], gt_boxes [G, 4]) -> matched [A]; called on an IoU matrix [G, A] it is a drop-in for
+    torchvision's Matcher (whose BELOW_LOW_THRESHOLD / BETWEEN_THRESHOLDS it names), which the torchvision
+    RPN and RoI heads call.
     """
 
-    def __init__(self, pos_iou_thr: float, neg_iou_thr: float, min_pos_iou: float, match_low_quality: bool):
+    BELOW_LOW_THRESHOLD = BACKGROUND
+    BETWEEN_THRESHOLDS = IGNORE
+
+    def __init__(
+        self, pos_iou_thr: float, neg_iou_thr: float, min_pos_iou: float = 0.0, low_quality: Convention | None = None
+    ) -> None:
         if neg_iou_thr > pos_iou_thr:
             raise ValueError(f"MaxIoUAssigner: neg_iou_thr {neg_iou_thr} > pos_iou_thr {pos_iou_thr}")
+        if low_quality not in ("mmdet", "torchvision", None):
+            raise ValueError(f"MaxIoUAssigner: low_quality {low_quality!r}; expected 'mmdet', 'torchvision' or None")
         self.pos_iou_thr = pos_iou_thr
         self.neg_iou_thr = neg_iou_thr
         self.min_pos_iou = min_pos_iou
-        self.match_low_quality = match_low_quality
+        self.low_quality = low_quality
 
     def assign(self, boxes: Tensor, gt_boxes: Tensor) -> Tensor:
-        num_boxes = boxes.shape[0]
-        matched = torch.full((num_boxes,), IGNORE, dtype=torch.int64, device=boxes.device)
-        if gt_boxes.shape[0] == 0 or num_boxes == 0:
-            return matched.fill_(BACKGROUND)
-        iou = box_iou(gt_boxes.float(), boxes.float())  # [G, A]
+        if gt_boxes.shape[0] == 0 or boxes.shape[0] == 0:
+            return torch.full((boxes.shape[0],), BACKGROUND, dtype=torch.int64, device=boxes.device)
+        return self(box_iou(gt_boxes.float(), boxes.float()))
+
+    def __call__(self, iou: Tensor) -> Tensor:
+        """matched [A] from the IoU matrix [G, A] (G, A > 0) of the boxes with the priors."""
+        matched = torch.full((iou.shape[1],), IGNORE, dtype=torch.int64, device=iou.device)
         best_iou, best_gt = iou.max(dim=0)
         matched[best_iou < self.neg_iou_thr] = BACKGROUND
         positive = best_iou >= self.pos_iou_thr
         matched[positive] = best_gt[positive]
-        if self.match_low_quality:
-            gt_best = iou.max(dim=1).values  # [G]
-            eligible = (gt_best >= self.min_pos_iou) & (gt_best > 0)
-            claims = (iou == gt_best[:, None]) & eligible[:, None]  # [G, A]
-            # 1-based index of the last claiming box per prior, 0 when none claims it.
-            order = torch.arange(1, gt_boxes.shape[0] + 1, device=boxes.device)[:, None]
-            last_claim = (claims * order).max(dim=0).values
-            claimed = last_claim > 0
-            matched[claimed] = last_claim[claimed] - 1
+        if self.low_quality is None:
+            return matched
+        gt_best = iou.max(dim=1).values  # [G]
+        if self.low_quality == "torchvision":
+            _, claimed = torch.where(iou == gt_best[:, None])
+            matched[claimed] = best_gt[claimed]
+            return matched
+        eligible = (gt_best >= self.min_pos_iou) & (gt_best > 0)
+        claims = (iou == gt_best[:, None]) & eligible[:, None]  # [G, A]
+        # 1-based index of the last claiming box per prior, 0 when none claims it.
+        order = torch.arange(1, iou.shape[0] + 1, device=iou.device)[:, None]
+        last_claim = (claims * order).max(dim=0).values
+        claimed = last_claim > 0
+        matched[claimed] = last_claim[claimed] - 1
         return matched
 
 
@@ -123,19 +147,27 @@ class ATSSAssigner:
 
 
 class FCOSAssigner:
-    """FCOS point assignment with centre sampling (Tian et al., ICCV 2019; mmdet's FCOSHead targets).
+    """FCOS point assignment with centre sampling (Tian et al., ICCV 2019).
 
     assign(points [A, 2], strides [A], regress_ranges [A, 2], gt_boxes [G, 4]) -> matched [A]. A point may take a
     box when both hold:
-    - it lies strictly inside the box, or, with `center_sampling`, strictly inside the box's centre region
-      (the box centre +- `center_sample_radius` x the point's stride, clipped to the box);
-    - the largest of its distances (l, t, r, b) to the box edges lies in its level's [low, high] regress range.
+    - it lies strictly inside the box, and, with `center_sampling`, strictly within `center_sample_radius` x its
+      stride of the box centre (in x and in y);
+    - the largest of its distances (l, t, r, b) to the box edges lies in its [low, high] regress range.
     Among the boxes it may take, it takes the one of smallest area; points with none are BACKGROUND.
+
+    `convention` "mmdet" (FCOSHead targets) and "torchvision" (FCOS.compute_loss) describe the same region but
+    differ at its edges: mmdet's ranges are closed and its centre test clips the centre square to the box first;
+    torchvision's ranges are open and it tests the distance to the centre and the box separately (a point on a
+    rounding boundary can fall either way). Each detector keeps its reference's.
     """
 
-    def __init__(self, center_sampling: bool, center_sample_radius: float):
+    def __init__(self, center_sampling: bool, center_sample_radius: float, convention: Convention = "mmdet") -> None:
+        if convention not in ("mmdet", "torchvision"):
+            raise ValueError(f"FCOSAssigner: convention {convention!r}; expected 'mmdet' or 'torchvision'")
         self.center_sampling = center_sampling
         self.center_sample_radius = center_sample_radius
+        self.convention = convention
 
     def assign(self, points: Tensor, strides: Tensor, regress_ranges: Tensor, gt_boxes: Tensor) -> Tensor:
         num_points, num_gt = points.shape[0], gt_boxes.shape[0]
@@ -147,32 +179,18 @@ class FCOSAssigner:
         distances = torch.stack(
             [xs - gt_boxes[:, 0], ys - gt_boxes[:, 1], gt_boxes[:, 2] - xs, gt_boxes[:, 3] - ys], dim=-1
         )  # [A, G, 4] as (l, t, r, b)
-
-        if self.center_sampling:
-            radius = strides.float()[:, None] * self.center_sample_radius  # [A, 1]
-            centre_x = (gt_boxes[:, 0] + gt_boxes[:, 2]) / 2
-            centre_y = (gt_boxes[:, 1] + gt_boxes[:, 3]) / 2
-            region = torch.stack(
-                [
-                    torch.maximum(centre_x - radius, gt_boxes[:, 0]),
-                    torch.maximum(centre_y - radius, gt_boxes[:, 1]),
-                    torch.minimum(centre_x + radius, gt_boxes[:, 2]),
-                    torch.minimum(centre_y + radius, gt_boxes[:, 3]),
-                ],
-                dim=-1,
-            )  # [A, G, 4]
-            inside = (
-                torch.stack(
-                    [xs - region[..., 0], ys - region[..., 1], region[..., 2] - xs, region[..., 3] - ys], dim=-1
-                ).amin(dim=-1)
-                > 0
-            )
-        else:
-            inside = distances.amin(dim=-1) > 0
-
         largest = distances.amax(dim=-1)  # [A, G]
         ranges = regress_ranges.float()
-        in_range = (largest >= ranges[:, 0:1]) & (largest <= ranges[:, 1:2])
+        if self.convention == "mmdet":
+            inside = self._inside_clipped_centre_region(xs, ys, strides, gt_boxes, distances)
+            in_range = (largest >= ranges[:, 0:1]) & (largest <= ranges[:, 1:2])
+        else:
+            inside = distances.amin(dim=-1) > 0
+            if self.center_sampling:
+                radius = strides.float()[:, None] * self.center_sample_radius  # [A, 1]
+                centres = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
+                inside &= (points[:, None] - centres[None]).abs().amax(dim=2) < radius
+            in_range = (largest > ranges[:, 0:1]) & (largest < ranges[:, 1:2])
 
         areas = ((gt_boxes[:, 2] - gt_boxes[:, 0]) * (gt_boxes[:, 3] - gt_boxes[:, 1])).expand(num_points, num_gt)
         areas = torch.where(inside & in_range, areas, torch.full_like(areas, float("inf")))
@@ -180,3 +198,28 @@ class FCOSAssigner:
         is_positive = torch.isfinite(smallest)
         matched[is_positive] = smallest_gt[is_positive]
         return matched
+
+    def _inside_clipped_centre_region(
+        self, xs: Tensor, ys: Tensor, strides: Tensor, gt_boxes: Tensor, distances: Tensor
+    ) -> Tensor:
+        """[A, G]: strictly inside the box, or (centre sampling) inside its centre square clipped to the box."""
+        if not self.center_sampling:
+            return distances.amin(dim=-1) > 0
+        radius = strides.float()[:, None] * self.center_sample_radius  # [A, 1]
+        centre_x = (gt_boxes[:, 0] + gt_boxes[:, 2]) / 2
+        centre_y = (gt_boxes[:, 1] + gt_boxes[:, 3]) / 2
+        region = torch.stack(
+            [
+                torch.maximum(centre_x - radius, gt_boxes[:, 0]),
+                torch.maximum(centre_y - radius, gt_boxes[:, 1]),
+                torch.minimum(centre_x + radius, gt_boxes[:, 2]),
+                torch.minimum(centre_y + radius, gt_boxes[:, 3]),
+            ],
+            dim=-1,
+        )  # [A, G, 4]
+        return (
+            torch.stack(
+                [xs - region[..., 0], ys - region[..., 1], region[..., 2] - xs, region[..., 3] - ys], dim=-1
+            ).amin(dim=-1)
+            > 0
+        )

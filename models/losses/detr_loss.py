@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
 
-from models.matcher import HungarianMatcher
+from models.matching.hungarian import HungarianMatcher
 
 
 def num_target_boxes(targets: list[dict[str, Tensor]], device: torch.device) -> float:
@@ -87,6 +87,17 @@ class SetCriterion(nn.Module):
             "loss_bbox": self.weights["loss_bbox"] * F.l1_loss(matched, tgt_boxes, reduction="sum") / num_boxes,
             "loss_giou": self.weights["loss_giou"] * giou / num_boxes,
         }
+
+    def objectness_loss(self, logits: Tensor, indices: list[tuple[Tensor, Tensor]], num_boxes: float) -> Tensor:
+        """The weighted focal loss with every class logit of a matched prediction as positive and every logit of
+        the others as negative (AlignDet's objectness option); logits [B, Q, K]. Normalised per class as well, so
+        it is the loss of one class head whatever the number of classes."""
+        logits = logits.float()
+        targets = torch.zeros_like(logits)
+        for image, (pred, _) in enumerate(indices):
+            targets[image, pred.to(logits.device)] = 1.0
+        focal = sigmoid_focal_loss(logits, targets, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum")
+        return self.weights["loss_cls"] * focal / (num_boxes * logits.shape[-1])
 
     def match_and_loss(
         self,

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.box_coding import inverse_sigmoid
-from models.ms_deform_attn import MSDeformAttn
+from models.layers.box_coding import inverse_sigmoid
+from models.layers.ms_deform_attn import MSDeformAttn
 
 # Two-stage proposals (Deformable-DETR): a square of side 0.05 * 2**level (normalised) at every encoder
 # location; one whose coordinates leave this open range is invalid (never selected as a query).
@@ -153,7 +153,7 @@ class DeformableTransformer(nn.Module):
         num_feature_levels: number of input maps (each gets a learned level embedding).
         num_points: sampling points per head and level in deformable attention.
         msda_backend: deformable attention's sampling, "auto", "pytorch" (grid_sample) or "triton" (see
-            models/ms_deform_attn.py).
+            models/layers/ms_deform_attn.py).
     """
 
     def __init__(

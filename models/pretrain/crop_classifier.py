@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.ssl import encoder_out_dim, pooled_features
+from models.pretrain.ssl import encoder_out_dim, pooled_features
 
 
 class CropClassifier(nn.Module):
