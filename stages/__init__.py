@@ -15,6 +15,7 @@ STAGE_MODULES = {
     "eval": "stages.evaluate",
     "pipeline": "stages.pipeline",
     "report": "stages.report",
+    "predict": "stages.predict",
 }
 
 

@@ -128,7 +128,7 @@ def run(cfg: DictConfig) -> dict:
     )
     results, shown = predict(model, loader, device, dataset.label_to_cat_id, cfg.stage.num_vis)
     cat_ids = list(dataset.label_to_cat_id)
-    bbox = evaluate_coco(dataset.coco, results, dataset.image_ids, dataset.class_names, cat_ids)
+    bbox = evaluate_coco(dataset.coco, results, dataset.image_ids, dataset.class_names, cat_ids, cfg.stage.backend)
 
     atomic_write_text(out / "predictions.json", json.dumps(results))
     write_json(out / "metrics.json", {"bbox": bbox})

@@ -1,4 +1,8 @@
-"""COCO box metrics with pycocotools: predictions in the file's own category ids, AP in percent."""
+"""COCO box metrics: predictions in the file's own category ids, AP in percent.
+
+Two backends compute the same COCOeval protocol: `pycocotools` (the reference, the default) and
+`faster_coco_eval` (the `faster-coco-eval` package, a C++ reimplementation; benchmarks/coco_eval_backends.py
+compares their numbers and speed)."""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ import numpy as np
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from stages.errors import UserError
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -34,16 +40,40 @@ def to_coco_results(
     ]
 
 
+BACKENDS = ("pycocotools", "faster_coco_eval")
+
+
+def _evaluator(gt: COCO, results: list[dict], backend: str):
+    """A COCOeval over `gt` and `results` from `backend`, not yet run."""
+    if backend == "pycocotools":
+        return COCOeval(gt, gt.loadRes(results), iouType="bbox")
+    if backend == "faster_coco_eval":
+        from faster_coco_eval import COCO as FasterCOCO
+        from faster_coco_eval import COCOeval_faster
+
+        faster_gt = FasterCOCO()
+        faster_gt.dataset = gt.dataset
+        faster_gt.createIndex()
+        return COCOeval_faster(faster_gt, faster_gt.loadRes(results), iouType="bbox")
+    raise UserError(f"stage.backend: unknown COCO evaluation backend {backend!r}; expected one of {BACKENDS}")
+
+
 def evaluate_coco(
-    gt: COCO, results: list[dict], image_ids: list[int], class_names: list[str], cat_ids: list[int]
+    gt: COCO,
+    results: list[dict],
+    image_ids: list[int],
+    class_names: list[str],
+    cat_ids: list[int],
+    backend: str = "pycocotools",
 ) -> dict:
     """{"AP", "AP50", "AP75", "APs", "APm", "APl", "per_class": {name: AP}} in percent over `image_ids`."""
+    if backend not in BACKENDS:
+        raise UserError(f"stage.backend: unknown COCO evaluation backend {backend!r}; expected one of {BACKENDS}")
     if not results:
         return {**{k: 0.0 for k in METRIC_NAMES}, "per_class": {name: 0.0 for name in class_names}}
-    # pycocotools prints its progress; keep the console for our own table.
+    # Both backends print their progress; keep the console for our own table.
     with contextlib.redirect_stdout(io.StringIO()):
-        dt = gt.loadRes(results)
-        coco_eval = COCOeval(gt, dt, iouType="bbox")
+        coco_eval = _evaluator(gt, results, backend)
         coco_eval.params.imgIds = list(image_ids)
         coco_eval.evaluate()
         coco_eval.accumulate()
