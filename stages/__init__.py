@@ -16,6 +16,7 @@ STAGE_MODULES = {
     "pipeline": "stages.pipeline",
     "report": "stages.report",
     "predict": "stages.predict",
+    "export": "stages.export",
 }
 
 

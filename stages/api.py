@@ -20,7 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from stages.build import build_model
 from stages.data.transforms import build_transforms
@@ -82,8 +82,11 @@ class Detector:
         score_threshold: float,
         device: torch.device,
         batch_size: int,
+        config: DictConfig | None = None,
     ):
         self.model = model.to(device).eval()
+        # The resolved config the checkpoint was trained with (model, data transforms...).
+        self.config = config
         self.categories = categories
         self.transforms = transforms
         self.score_threshold = float(score_threshold)
@@ -154,4 +157,4 @@ def load_detector(path: str | Path, device: str = "cpu", score_threshold: float 
     if report.num_loaded == 0:
         raise UserError(f"{checkpoint}: none of its tensors fit the model its config describes")
     transforms = build_transforms(config.data.transforms, train=False)
-    return Detector(model, categories, transforms, score_threshold, torch.device(device), batch_size)
+    return Detector(model, categories, transforms, score_threshold, torch.device(device), batch_size, config)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
@@ -13,7 +14,7 @@ from stages.build import build_model
 from stages.common import write_json
 from stages.context import open_stage
 from stages.data.build import build_dataset, build_loader, dataset_categories
-from stages.engine.checkpoint import LoadReport, load_into, resolve_checkpoint
+from stages.engine.checkpoint import load_into, resolve_checkpoint
 from stages.engine.coco_eval import evaluate_coco, format_table, to_coco_results
 from stages.engine.distributed import is_main_process
 from stages.engine.files import atomic_write_text
@@ -22,6 +23,7 @@ from stages.engine.trainer import to_device
 from stages.engine.visualize import draw_detections, save_png
 from stages.errors import UserError
 from stages.fingerprint import init_source
+from stages.onnx_model import OnnxDetector
 
 log = logging.getLogger("detpipe")
 
@@ -81,28 +83,45 @@ def wandb_box_image(
     )
 
 
-def check_categories(report: LoadReport, dataset, allow_untrained_head: bool) -> None:
-    """The checkpoint's class head must predict the val set's categories: a checkpoint that records none (its
-    class head never saw labels, e.g. box_pretrain's) is refused unless `allow_untrained_head`, and one trained on
-    other categories always is."""
+def check_categories(
+    source: str, stage: str | None, categories: list[dict] | None, dataset, allow_untrained_head: bool
+) -> None:
+    """The model's class head must predict the val set's categories: a checkpoint that records none (its class head
+    never saw labels, e.g. box_pretrain's) is refused unless `allow_untrained_head`, and one trained on other
+    categories always is."""
     expected = dataset_categories(dataset)
-    if report.categories is None:
+    if categories is None:
         if allow_untrained_head:
-            log.warning("%s: records no categories; its class head was not trained on labels", report.source)
+            log.warning("%s: records no categories; its class head was not trained on labels", source)
             return
         raise UserError(
-            f"{report.source}: a {report.stage or 'foreign'} checkpoint that records no categories, so its class "
+            f"{source}: a {stage or 'foreign'} checkpoint that records no categories, so its class "
             "head was not trained on labels; expected a finetune checkpoint (stage.allow_untrained_head=true "
             "evaluates it anyway)"
         )
-    if report.categories != expected:
-        theirs = {(c["id"], c["name"]) for c in report.categories}
+    if categories != expected:
+        theirs = {(c["id"], c["name"]) for c in categories}
         ours = {(c["id"], c["name"]) for c in expected}
         raise UserError(
-            f"{report.source}: trained on {len(theirs)} categories, {dataset.source} has {len(ours)}; only in the "
+            f"{source}: trained on {len(theirs)} categories, {dataset.source} has {len(ours)}; only in the "
             f"checkpoint: {sorted(theirs - ours)[:5]}, only in the val set: {sorted(ours - theirs)[:5]}; expected "
             "the same category ids and names in the same order"
         )
+
+
+def load_model(cfg: DictConfig, checkpoint: Path, dataset) -> torch.nn.Module | OnnxDetector:
+    """The model to evaluate: an exported model.onnx through ONNX Runtime, or the checkpoint's weights in the
+    plain DETR (auxiliary heads of a Co-DETR checkpoint are reported as skipped); its categories checked."""
+    allow = bool(cfg.stage.get("allow_untrained_head", False))
+    if checkpoint.suffix == ".onnx":
+        model = OnnxDetector(checkpoint)
+        check_categories(str(checkpoint), "export", model.categories, dataset, allow)
+        return model
+    model = build_model(cfg.model, dataset.num_classes, num_aux_heads=0)
+    report = load_into(model, checkpoint)
+    log.info("%s", report.table())
+    check_categories(report.source, report.stage, report.categories, dataset, allow)
+    return model
 
 
 def run(cfg: DictConfig) -> dict:
@@ -111,12 +130,7 @@ def run(cfg: DictConfig) -> dict:
     checkpoint = resolve_checkpoint(init_source(cfg))
 
     dataset = build_dataset(cfg.data, "val", train=False, seed=cfg.seed)
-    # Inference is the plain DETR: auxiliary heads of a Co-DETR checkpoint are reported as skipped.
-    model = build_model(cfg.model, dataset.num_classes, num_aux_heads=0)
-    report = load_into(model, checkpoint)
-    log.info("%s", report.table())
-    check_categories(report, dataset, bool(cfg.stage.get("allow_untrained_head", False)))
-    model.to(device).eval()
+    model = load_model(cfg, checkpoint, dataset).to(device).eval()
     loader = build_loader(
         dataset,
         batch_size=cfg.stage.batch_size,

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.layers.box_coding import inverse_sigmoid
+from models.layers.image_list import size_table
 from models.layers.ms_deform_attn import MSDeformAttn
 
 # Two-stage proposals (Deformable-DETR): a square of side 0.05 * 2**level (normalised) at every encoder
@@ -199,8 +200,8 @@ class DeformableTransformer(nn.Module):
         points = []
         for level, (h, w) in enumerate(shapes):
             ys, xs = torch.meshgrid(
-                torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
-                torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device),
+                torch.arange(h, dtype=torch.float32, device=device) + 0.5,
+                torch.arange(w, dtype=torch.float32, device=device) + 0.5,
                 indexing="ij",
             )
             ys = ys.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * h)
@@ -213,14 +214,14 @@ class DeformableTransformer(nn.Module):
         """srcs [B, C, h_l, w_l], masks Bool[B, h_l, w_l] (True on padding), pos_embeds like srcs, per level."""
         if len(srcs) != self.num_feature_levels:
             raise ValueError(f"DeformableTransformer.encode: {len(srcs)} levels; expected {self.num_feature_levels}")
-        shapes = [(int(s.shape[-2]), int(s.shape[-1])) for s in srcs]
+        # Sizes stay as the tensors report them (symbolic when exported with a dynamic image size).
+        shapes = [(s.shape[-2], s.shape[-1]) for s in srcs]
         src_flatten = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
         mask_flatten = torch.cat([m.flatten(1) for m in masks], 1)
         pos_flatten = torch.cat(
             [p.flatten(2).transpose(1, 2) + self.level_embed[lvl] for lvl, p in enumerate(pos_embeds)], 1
         )
-        device = src_flatten.device
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=device)
+        spatial_shapes = size_table(shapes, src_flatten, torch.long)
         level_start_index = torch.cat((spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([self._valid_ratios(m) for m in masks], 1)
         reference_points = self._encoder_reference_points(shapes, valid_ratios)

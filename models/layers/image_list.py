@@ -32,3 +32,11 @@ def batch_images(images: list[Tensor], size_divisibility: int) -> tuple[Tensor, 
         batch[i, :, :h, :w].copy_(img)
         mask[i, :h, :w] = False
     return batch, mask, sizes
+
+
+def size_table(sizes: list[tuple[int, int]], like: Tensor, dtype: torch.dtype) -> Tensor:
+    """[[a, b], ...] as an [L, 2] tensor on `like`'s device. Built from scalars on the device: no copy from the
+    host (which would wait for the GPU), and sizes that are symbolic in an export stay symbolic."""
+    return torch.stack(
+        [torch.stack([like.new_full((), a, dtype=dtype), like.new_full((), b, dtype=dtype)]) for a, b in sizes]
+    )

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.layers.image_list import size_table
+
 
 def ms_deform_attn_sample(
     value: Tensor, spatial_shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor
@@ -143,7 +145,7 @@ class MSDeformAttn(nn.Module):
         ref = reference_points.float()[:, :, None, :, None, :]
         if reference_points.shape[-1] == 2:
             # Offsets are in pixels of each level: divide by (w, h).
-            normalizer = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=torch.float32, device=offsets.device)
+            normalizer = size_table([(w, h) for h, w in spatial_shapes], offsets, torch.float32)
             locations = ref + offsets / normalizer[None, None, None, :, None, :]
         elif reference_points.shape[-1] == 4:
             locations = ref[..., :2] + offsets / points * ref[..., 2:] * 0.5

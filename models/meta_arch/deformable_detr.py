@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import MLP, clip_boxes_to_image
+from torchvision.ops import MLP, box_convert, clip_boxes_to_image
 
 from models.errors import ModelConfigError
 from models.layers.backbone import ResNetBackbone, pyramid_strides
@@ -268,11 +268,9 @@ class DeformableDETR(nn.Module):
         )
         return {f"detr/{name}": value for name, value in losses.items()}
 
-    @torch.no_grad()
-    def postprocess(self, logits: Tensor, boxes: Tensor, image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
-        """Top `max_detections` (query, class) pairs by sigmoid score per image, boxes in that image's pixels.
-
-        logits [B, Q, K], boxes [B, Q, 4] normalised cxcywh (last decoder layer)."""
+    def top_detections(self, logits: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The top `max_detections` (query, class) pairs by sigmoid score: (scores [B, D], labels [B, D], boxes
+        [B, D, 4] normalised cxcywh). logits [B, Q, K], boxes [B, Q, 4] normalised cxcywh (last decoder layer)."""
         num_classes = logits.shape[-1]
         prob = logits.float().sigmoid().flatten(1)
         k = min(self.max_detections, prob.shape[1])
@@ -280,11 +278,39 @@ class DeformableDETR(nn.Module):
         query = torch.div(index, num_classes, rounding_mode="floor")
         labels = index % num_classes
         chosen = torch.gather(boxes.float(), 1, query[..., None].expand(-1, -1, 4))
+        return scores, labels, chosen
+
+    @torch.no_grad()
+    def postprocess(self, logits: Tensor, boxes: Tensor, image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        """`top_detections` per image, boxes in that image's pixels."""
+        scores, labels, chosen = self.top_detections(logits, boxes)
         results = []
         for i, size in enumerate(image_sizes):
             xyxy = clip_boxes_to_image(denormalize_boxes(chosen[i], size), size)
             results.append({"boxes": xyxy, "scores": scores[i], "labels": labels[i]})
         return results
+
+    def predict_batch(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Inference on a batch of equally sized images, as one graph (no Python lists; what ONNX export traces):
+        images [N, 3, H, W] in [0, 1] -> (scores [N, D], labels int64 [N, D], boxes [N, D, 4] xyxy pixels)."""
+        height, width = images.shape[-2:]
+        tensor = (images - self.pixel_mean) / self.pixel_std
+        # The same zero padding to a multiple of size_divisibility as preprocess, marked in the mask.
+        divisor = max(1, self.size_divisibility)
+        pad_h, pad_w = (divisor - height % divisor) % divisor, (divisor - width % divisor) % divisor
+        tensor = F.pad(tensor, (0, pad_w, 0, pad_h))
+        mask = F.pad(
+            images.new_zeros(images.shape[0], height, width, dtype=torch.bool), (0, pad_w, 0, pad_h), value=True
+        )
+        encoded = self.encode(tensor, mask)
+        queries = self.initial_queries(encoded)
+        decoded = self.decode_queries(encoded, queries.content, queries.pos, queries.reference)
+        scores, labels, chosen = self.top_detections(decoded.logits[-1], decoded.boxes[-1])
+        # Scaled coordinate by coordinate: a tensor built from (width, height) would fix the traced graph's size.
+        x0, y0, x1, y1 = box_convert(chosen, "cxcywh", "xyxy").unbind(-1)
+        xs = [(x * width).clamp(min=0, max=width) for x in (x0, x1)]
+        ys = [(y * height).clamp(min=0, max=height) for y in (y0, y1)]
+        return scores, labels, torch.stack([xs[0], ys[0], xs[1], ys[1]], dim=-1)
 
     def forward(
         self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None

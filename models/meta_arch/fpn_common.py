@@ -119,6 +119,19 @@ class FPNDetectorMixin:
             out[f"{self.kind}/loss_{name}"] = self.loss_weights[name] * value
         return out
 
+    def max_detections(self) -> int:
+        """Detections kept per image at inference (torchvision's `detections_per_img`)."""
+        roi_heads = getattr(self, "roi_heads", None)
+        return int(roi_heads.detections_per_img if roi_heads is not None else self.detections_per_img)
+
+    def predict_batch(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Inference on a batch of equally sized images: images [N, 3, H, W] in [0, 1] -> (scores [N, D], labels
+        int64 [N, D], boxes [N, D, 4] xyxy pixels), D = `max_detections()`. After NMS an image keeps up to D
+        detections; the rest of its row is padding with score 0 (so a score threshold drops it)."""
+        count = self.max_detections()
+        rows = [padded_row(output, count) for output in self.forward(list(images.unbind(0)))]
+        return tuple(torch.stack(parts) for parts in zip(*rows))
+
     def _forward_inputs(
         self, images: list[Tensor], targets: list[dict[str, Tensor]] | None
     ) -> tuple[ImageList, list[dict[str, Tensor]] | None]:
@@ -126,6 +139,15 @@ class FPNDetectorMixin:
         if self.training and targets is None:
             raise ValueError(f"{type(self).__name__}: training mode needs targets")
         return self._prepare(images, targets if self.training else None)
+
+
+def padded_row(output: dict[str, Tensor], count: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One image's variable-length detections as exactly `count` rows, padded with zeros. Concatenate, then
+    slice: every shape stays static, which ONNX export needs."""
+    scores = torch.cat([output["scores"], output["scores"].new_zeros(count)])[:count]
+    labels = torch.cat([output["labels"], output["labels"].new_zeros(count)])[:count]
+    boxes = torch.cat([output["boxes"], output["boxes"].new_zeros(count, 4)])[:count]
+    return scores, labels, boxes
 
 
 class DenseAlignBatch(NamedTuple):

@@ -109,6 +109,8 @@ def checkpoint_identity(path_or_dir: str | Path) -> dict:
     """What a stage started from, for its fingerprint: the fingerprint of the stage that wrote the checkpoint when
     it records one (the same weights from a recomputed stage keep their identity), else the file's sha256."""
     path = resolve_checkpoint(path_or_dir)
+    if path.suffix == ".onnx":  # an exported model (stage=eval evaluates those too)
+        return {"sha256": sha256_of(path)}
     payload = _load_weights_only(path, mmap=True)
     recorded = payload.get(FINGERPRINT_KEY) if isinstance(payload, dict) else None
     if isinstance(recorded, str) and recorded:
