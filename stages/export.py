@@ -5,8 +5,9 @@
 Writes <stage dir>/model.onnx (input `images` float32 [N, 3, H, W], RGB 0-255; outputs `scores` [N, D], `labels`
 int64 [N, D] (contiguous, mapped to dataset ids by model.json), `boxes` [N, D, 4] xyxy in input pixels) and
 model.json (categories, input sizes, preprocessing, the check's differences). The DETR family (Co-DETR as its plain
-DETR) goes through torch.export with dynamic batch, height and width; the torchvision detectors, whose NMS
-torch.export cannot trace, through the TorchScript exporter at one fixed input size.
+DETR) goes through torch.export with dynamic batch, height and width (`stage.dynamic_size=false`: one fixed size,
+which ONNX Runtime runs faster); the torchvision detectors, whose NMS torch.export cannot trace, through the
+TorchScript exporter at one fixed input size.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ def export_graph(wrapper: DeployedDetector, path: Path, cfg: DictConfig, dynamic
         example = example_images(2, height, width, cfg.seed)
         program = torch.onnx.export(wrapper, (example,), None, dynamo=True, dynamic_shapes=dims, **names)
         program.save(str(path))
+    elif isinstance(wrapper.detector, DeformableDETR):
+        example = example_images(1, height, width, cfg.seed)
+        torch.onnx.export(wrapper, (example,), None, dynamo=True, **names).save(str(path))
     else:
         example = example_images(1, height, width, cfg.seed)
         torch.onnx.export(wrapper, (example,), str(path), dynamo=False, **names)
@@ -117,7 +121,8 @@ def run(cfg: DictConfig) -> dict:
             # The graph holds ONNX operators: the grid_sample path, whatever device the model was trained on.
             module.backend = "pytorch"
     wrapper = DeployedDetector(model).eval()
-    dynamic = isinstance(model, DeformableDETR)
+    # torch.export traces the DETR family with a variable batch and size; the torchvision detectors' NMS it cannot.
+    dynamic = isinstance(model, DeformableDETR) and bool(cfg.stage.dynamic_size)
     height, width = (int(v) for v in cfg.stage.input_size)
 
     final = ctx.out / "model.onnx"
