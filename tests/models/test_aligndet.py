@@ -1,0 +1,317 @@
+"""AlignDet wrapper: the box-domain contrastive loss, the EMA schedule and update, id bookkeeping across a batch,
+the frozen backbone, and the DETR / Co-DETR align branches."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from models.pretrain.align_outputs import AlignOptions, AlignOutputs
+from models.pretrain.aligndet import AlignDet, box_contrastive_loss, momentum_at
+from tests.helpers import compose_config
+from tests.helpers.tiny_detr import one_thread, tiny_detr, two_tiny_images  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def proposal_targets(boxes: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    return [{"boxes": b, "labels": torch.zeros(len(b), dtype=torch.int64), "ids": torch.arange(len(b))} for b in boxes]
+
+
+def wrap(detector: torch.nn.Module, freeze_backbone: bool = True) -> AlignDet:
+    return AlignDet(
+        detector,
+        projector_hidden_dim=None,
+        projector_out_dim=16,
+        temperature=0.5,
+        base_momentum=0.996,
+        contrastive_weight=1.0,
+        freeze_backbone=freeze_backbone,
+    )
+
+
+# ---- the contrastive loss ----
+
+
+def test_box_contrastive_loss_equals_hand_computed_three_proposal_example():
+    # Three proposals; the momentum view lost proposal 2, so its positive is its own online embedding (K = Q).
+    q = torch.tensor([[3.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])  # q0 is not unit length: the loss normalises
+    k = torch.tensor([[0.8, 0.6], [0.6, 0.8]])
+    q_ids, k_ids = torch.tensor([0, 1, 2]), torch.tensor([0, 1])
+    # Dot products / temperature 0.5 of the unit vectors:
+    # id 0: positive q0.k0 = 0.8 -> 1.6; negatives q0.q1 = 0 -> 0, q0.q2 = -1 -> -2, q0.k1 = 0.6 -> 1.2
+    loss0 = -math.log(math.exp(1.6) / (math.exp(1.6) + math.exp(0.0) + math.exp(-2.0) + math.exp(1.2)))
+    # id 1: positive q1.k1 = 0.8 -> 1.6; negatives q1.q0 = 0, q1.q2 = 0, q1.k0 = 0.6 -> 1.2
+    loss1 = -math.log(math.exp(1.6) / (math.exp(1.6) + math.exp(0.0) + math.exp(0.0) + math.exp(1.2)))
+    # id 2: positive q2.q2 = 1 -> 2; negatives q2.q0 = -1 -> -2, q2.q1 = 0, q2.k0 = -0.8 -> -1.6, q2.k1 = -0.6 -> -1.2
+    loss2 = -math.log(
+        math.exp(2.0) / (math.exp(2.0) + math.exp(-2.0) + math.exp(0.0) + math.exp(-1.6) + math.exp(-1.2))
+    )
+    # By hand: loss0 = -log(4.953 / 9.409) = 0.6416, loss1 = -log(4.953 / 10.273) = 0.7296,
+    # loss2 = -log(7.389 / 9.028) = 0.2002; their mean over the three ids is 0.5238.
+    expected = (loss0 + loss1 + loss2) / 3
+    assert expected == pytest.approx(0.5238, abs=1e-4)
+    got = box_contrastive_loss(q, q_ids, k, k_ids, temperature=0.5)
+    assert float(got) == pytest.approx(expected, rel=1e-6)
+
+
+def reference_loop_loss(q, q_ids, k, k_ids, temperature):
+    """The reference's per-id loop (numpy, float64): mean over |Q||K| pairs, then over ids."""
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    k = k / np.linalg.norm(k, axis=1, keepdims=True)
+    losses = []
+    for label in np.unique(q_ids):
+        query = q[q_ids == label]
+        key = k[k_ids == label] if (k_ids == label).any() else query
+        neg = np.concatenate([q[q_ids != label], k[k_ids != label]])
+        pairs = []
+        for a in query:
+            for b in key:
+                pos = math.exp(a @ b / temperature)
+                pairs.append(-math.log(pos / (pos + np.exp(neg @ a / temperature).sum())))
+        losses.append(np.mean(pairs))
+    return float(np.mean(losses))
+
+
+def test_box_contrastive_loss_matches_the_per_id_loop_with_repeated_and_missing_ids():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(9, 5, generator=g, dtype=torch.float64)
+    k = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    # Ids repeat (several layers / anchors per proposal); id 4 has no momentum sample, id 9 no online one.
+    q_ids = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 4])
+    k_ids = torch.tensor([0, 1, 1, 2, 3, 3, 9])
+    expected = reference_loop_loss(q.numpy(), q_ids.numpy(), k.numpy(), k_ids.numpy(), 0.2)
+    assert float(box_contrastive_loss(q, q_ids, k, k_ids, 0.2)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_box_contrastive_loss_sends_no_gradient_through_negatives():
+    q = torch.tensor([[1.0, 0.2], [0.1, 1.0]], requires_grad=True)
+    k = torch.tensor([[0.9, 0.1], [0.0, 1.0]])
+    ids = torch.tensor([0, 1])
+    (grad,) = torch.autograd.grad(box_contrastive_loss(q, ids, k, ids, 0.5), q)
+    # q1 is a detached negative in id 0's term, so its gradient is that of id 1's term alone (times 1/2, the
+    # mean over ids). Id 1's term on its own: query q1, key k1, negatives k0 and q0 (given as a fixed sample).
+    q1 = q.detach()[1:].clone().requires_grad_(True)
+    alone = box_contrastive_loss(q1, torch.tensor([1]), torch.cat([k, q.detach()[:1]]), torch.tensor([0, 1, 0]), 0.5)
+    (grad1,) = torch.autograd.grad(alone, q1)
+    assert grad[1].abs().sum() > 0
+    assert torch.allclose(grad[1], 0.5 * grad1[0], atol=1e-6)
+
+
+def test_box_contrastive_loss_without_online_samples_is_zero_and_connected():
+    q = torch.zeros(0, 4, requires_grad=True)
+    loss = box_contrastive_loss(q, torch.zeros(0, dtype=torch.int64), torch.randn(3, 4), torch.arange(3), 0.5)
+    assert float(loss.detach()) == 0.0 and loss.requires_grad
+
+
+# ---- momentum ----
+
+
+def test_momentum_schedule_rises_from_base_to_one_on_a_cosine():
+    assert momentum_at(0.0, 0.996) == pytest.approx(0.996)
+    assert momentum_at(0.5, 0.996) == pytest.approx(0.998)
+    assert momentum_at(1.0, 0.996) == pytest.approx(1.0)
+    assert momentum_at(0.25, 0.996) == pytest.approx(1 - 0.004 * (math.cos(math.pi / 4) + 1) / 2)
+
+
+def test_update_momentum_averages_parameters_and_copies_buffers():
+    model = wrap(tiny_detr(), freeze_backbone=False)
+    online_w = model.detector.query_embed.weight
+    target_w = model.momentum_detector.query_embed.weight
+    with torch.no_grad():
+        online_w.fill_(1.0)
+        target_w.fill_(0.0)
+        model.projectors["detr"][0].bias.fill_(2.0)
+        model.momentum_projectors["detr"][0].bias.fill_(1.0)
+        model.detector.backbone.body.bn1.running_mean.fill_(5.0)
+    m = model.update_momentum(0.0)
+    assert m == pytest.approx(0.996)
+    assert torch.allclose(target_w, torch.full_like(target_w, 0.004))  # 0.996 * 0 + 0.004 * 1
+    bias = model.momentum_projectors["detr"][0].bias
+    assert torch.allclose(bias, torch.full_like(bias, 0.996 * 1.0 + 0.004 * 2.0))
+    assert torch.all(model.momentum_detector.backbone.body.bn1.running_mean == 5.0)
+    before = target_w.detach().clone()
+    assert model.update_momentum(1.0) == pytest.approx(1.0)
+    assert torch.equal(target_w, before)  # m = 1 at the end: the momentum copy no longer moves
+
+
+def test_momentum_copy_is_never_trained():
+    model = wrap(tiny_detr())
+    assert not any(p.requires_grad for p in model.momentum_detector.parameters())
+    assert not any(p.requires_grad for p in model.momentum_projectors.parameters())
+    assert any(p.requires_grad for p in model.projectors.parameters())
+
+
+# ---- ids and order ----
+
+
+class IdRecorder(torch.nn.Module):
+    """A detector stub speaking the align protocol: one branch whose features are a learned embedding of the id."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = torch.nn.Linear(1, 1)
+        self.embed = torch.nn.Embedding(64, 8)
+        self.seen: list[list[torch.Tensor]] = []
+
+    def align_feature_dims(self):
+        return {"stub": 8}
+
+    def align_drop_keys(self, options):
+        return ["embed"]
+
+    def align_outputs(self, images, targets, with_losses, options):
+        self.seen.append([t["ids"].clone() for t in targets])
+        ids = torch.cat([t["ids"] for t in targets])
+        losses = {"stub/loss_box": self.backbone.weight.sum() * 0} if with_losses else {}
+        return AlignOutputs(features={"stub": self.embed(ids)}, ids={"stub": ids}, losses=losses)
+
+
+def test_aligndet_gives_the_detector_ids_unique_across_the_batch_and_shared_between_views():
+    model = wrap(IdRecorder())
+    images = [torch.rand(3, 8, 8), torch.rand(3, 8, 8)]
+    t1 = [{"ids": torch.tensor([0, 1, 2])}, {"ids": torch.tensor([0, 1])}]
+    t2 = [{"ids": torch.tensor([2, 0])}, {"ids": torch.tensor([1])}]  # view 2 kept other proposals (a crop)
+    losses = model(images, t1, images, t2)
+    online_seen, momentum_seen = model.detector.seen[0], model.momentum_detector.seen[0]
+    assert [x.tolist() for x in online_seen] == [[0, 1, 2], [3, 4]]
+    assert [x.tolist() for x in momentum_seen] == [[2, 0], [4]]
+    assert set(losses) == {"stub/loss_box", "align/loss_contrastive_stub"}
+
+
+def test_detr_align_rows_follow_images_in_batch_order():
+    """Each image's matched features and ids are the same in a two-image batch as alone (equal sizes: no padding)."""
+    model = tiny_detr().eval()
+    images, _ = two_tiny_images()
+    boxes = [
+        torch.tensor([[8.0, 10.0, 40.0, 50.0], [2.0, 2.0, 20.0, 30.0]]),
+        torch.tensor([[4.0, 6.0, 28.0, 26.0], [34.0, 30.0, 60.0, 58.0], [10.0, 40.0, 30.0, 60.0]]),
+    ]
+    batch_targets = proposal_targets(boxes)
+    batch_targets[1]["ids"] = batch_targets[1]["ids"] + 2  # as batch_unique_ids would offset them
+    with torch.no_grad():
+        both = model.align_outputs(images, batch_targets, with_losses=False)
+        alone = [model.align_outputs([images[i]], [batch_targets[i]], with_losses=False) for i in range(2)]
+    ids = both.ids["detr"]
+    num_layers = model.transformer.num_decoder_layers
+    assert len(ids) == num_layers * 5  # every proposal matched once per decoder layer (10 queries >= 3)
+    for layer in range(num_layers):
+        block = ids[layer * 5 : (layer + 1) * 5]
+        assert sorted(block[:2].tolist()) == [0, 1] and sorted(block[2:].tolist()) == [2, 3, 4]
+    for i in range(2):
+        for row, proposal in enumerate(alone[i].ids["detr"].tolist()):
+            match = (ids == proposal).nonzero().squeeze(1)
+            layer_of_row = row // len(boxes[i])
+            assert torch.allclose(both.features["detr"][match[layer_of_row]], alone[i].features["detr"][row], atol=1e-4)
+
+
+def test_detr_align_last_layer_only_labels_one_query_per_proposal():
+    model = tiny_detr()
+    images, targets = two_tiny_images()
+    last_layer = AlignOptions(all_layers=False)
+    out = model.align_outputs(images, proposal_targets([t["boxes"] for t in targets]), True, last_layer)
+    assert sorted(out.ids["detr"].tolist()) == [0, 0, 1]
+    assert out.features["detr"].shape == (3, model.transformer.d_model)
+    # Box losses on every decoder layer, no classification loss.
+    assert set(out.losses) == {"detr/loss_bbox", "detr/loss_giou", "detr/loss_bbox_d0", "detr/loss_giou_d0"}
+
+
+def test_detr_drop_keys_name_the_class_heads_only():
+    model = tiny_detr()
+    keys = model.align_drop_keys()
+    state = model.state_dict()
+    dropped = [k for k in state if any(d in k for d in keys)]
+    assert dropped and all(k.startswith("class_embed.") for k in dropped)
+    assert len(dropped) == sum(1 for k in state if k.startswith("class_embed."))
+    assert model.align_feature_dims() == {"detr": model.transformer.d_model}
+
+
+def test_detr_objectness_trains_every_class_logit_on_the_matched_queries_and_keeps_the_class_heads():
+    model = tiny_detr()
+    images, targets = two_tiny_images()
+    proposals = proposal_targets([t["boxes"] for t in targets])
+    objectness = AlignOptions(all_layers=False, objectness=True)
+    out = model.align_outputs(images, proposals, True, objectness)
+    names = {"detr/loss_objectness", "detr/loss_objectness_d0"}
+    assert names <= set(out.losses)
+    model.zero_grad()
+    out.losses["detr/loss_objectness"].backward()
+    last = model.class_embed[-1]
+    assert last.weight.grad is not None and last.weight.grad.abs().sum() > 0
+    # Every class has the same target, so permuting the classes of the heads leaves the loss unchanged (the
+    # box-only matching does not read the logits).
+    with torch.no_grad():
+        for head in model.class_embed:
+            head.weight.copy_(head.weight.flip(0))
+            head.bias.copy_(head.bias.flip(0))
+        permuted = model.align_outputs(images, proposals, True, objectness)
+    for name in names:
+        assert torch.allclose(permuted.losses[name], out.losses[name], rtol=1e-5)
+    without = model.align_outputs(images, proposals, True, AlignOptions(all_layers=False))
+    assert not names & set(without.losses)
+    assert not any(k.startswith("class_embed.") for k in model.align_drop_keys(objectness))
+
+
+def test_two_stage_detr_also_trains_its_class_agnostic_encoder_proposals():
+    model = tiny_detr(overrides=("model.detector.two_stage=true",))
+    images, targets = two_tiny_images()
+    out = model.align_outputs(images, proposal_targets([t["boxes"] for t in targets]), True)
+    assert {"detr/loss_cls_enc", "detr/loss_bbox_enc", "detr/loss_giou_enc"} <= set(out.losses)
+    assert not any("enc_class_embed" in d for d in model.align_drop_keys())
+
+
+def test_co_detr_aux_branches_carry_proposal_ids_image_by_image():
+    from stages.build import build_model
+
+    cfg = compose_config(["experiment=smoke", "model=co_deformable_detr"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 3)
+    images, _ = two_tiny_images(96)
+    boxes = [
+        torch.tensor([[8.0, 10.0, 60.0, 70.0], [2.0, 2.0, 40.0, 30.0]]),
+        torch.tensor([[4.0, 6.0, 48.0, 46.0], [44.0, 40.0, 90.0, 88.0], [10.0, 50.0, 40.0, 90.0]]),
+    ]
+    targets = proposal_targets(boxes)
+    targets[1]["ids"] = targets[1]["ids"] + 2
+    out = model.align_outputs(images, targets, with_losses=True)
+    dims = model.align_feature_dims()
+    assert set(out.features) == set(dims) == {"detr", *model.aux_head_names}
+    for name in model.aux_head_names:
+        feats, ids = out.features[name], out.ids[name]
+        assert feats.shape == (len(ids), dims[name]) and len(ids) > 0
+        assert set(ids.tolist()) <= {0, 1, 2, 3, 4}
+        second = (ids >= 2).int()
+        assert torch.all(second[1:] >= second[:-1])  # image 0's rows first, then image 1's
+        assert f"{name}/loss_cls" not in out.losses
+        assert f"{name}/loss_bbox" in out.losses
+    keys = model.align_drop_keys()
+    assert "aux_heads.0.tower.cls_pred." in keys and "aux_heads.1.box_predictor." in keys
+
+
+# ---- the frozen backbone ----
+
+
+def one_training_step(model: AlignDet) -> None:
+    images, targets = two_tiny_images()
+    proposals = proposal_targets([t["boxes"] for t in targets])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = model(images, proposals, images, proposals)
+    optimizer.zero_grad()
+    sum(v for k, v in losses.items() if k.rsplit("/", 1)[-1].startswith("loss")).backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_freeze_backbone_keeps_the_backbone_as_it_is(freeze):
+    model = wrap(tiny_detr(), freeze_backbone=freeze)
+    backbone_before = {k: v.clone() for k, v in model.detector.backbone.state_dict().items()}
+    neck_before = {k: v.clone() for k, v in model.detector.neck.state_dict().items()}
+    one_training_step(model)
+    backbone_after = model.detector.backbone.state_dict()
+    unchanged = all(torch.equal(backbone_before[k], backbone_after[k]) for k in backbone_before)
+    assert unchanged == freeze  # weights and BatchNorm statistics alike
+    assert any(not torch.equal(neck_before[k], v) for k, v in model.detector.neck.state_dict().items())
