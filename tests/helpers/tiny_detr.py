@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from tests.helpers import CONF_DIR
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny models run many small ops: one thread beats two contending ones on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_detr(num_classes: int = 3, overrides: tuple[str, ...] = (), seed: int = 0) -> torch.nn.Module:

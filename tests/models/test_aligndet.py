@@ -12,7 +12,7 @@ import torch
 from models.pretrain.align_outputs import AlignOptions, AlignOutputs
 from models.pretrain.aligndet import AlignDet, box_contrastive_loss, momentum_at
 from tests.helpers import compose_config
-from tests.helpers.tiny_detr import one_thread, tiny_detr, two_tiny_images  # noqa: F401  (fixture)
+from tests.helpers.tiny_detr import tiny_detr, two_tiny_images
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

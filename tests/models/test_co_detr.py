@@ -20,7 +20,7 @@ from stages.engine.checkpoint import load_state_into
 from stages.engine.trainer import total_loss
 from stages.errors import UserError
 from tests.helpers import CONF_DIR, compose_config
-from tests.helpers.tiny_detr import one_thread, two_tiny_images  # noqa: F401 (fixture)
+from tests.helpers.tiny_detr import two_tiny_images
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NUM_CLASSES = 3

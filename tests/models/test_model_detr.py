@@ -6,7 +6,7 @@ from hydra import compose, initialize_config_dir
 
 from stages.build import build_model
 from stages.errors import UserError
-from tests.helpers.tiny_detr import CONF_DIR, one_thread, tiny_detr, two_tiny_images  # noqa: F401 (fixture)
+from tests.helpers.tiny_detr import CONF_DIR, tiny_detr, two_tiny_images
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

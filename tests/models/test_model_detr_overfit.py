@@ -4,7 +4,7 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from tests.helpers.tiny_detr import one_thread, tiny_detr, two_tiny_images  # noqa: F401 (fixture)
+from tests.helpers.tiny_detr import tiny_detr, two_tiny_images
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

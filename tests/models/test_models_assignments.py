@@ -27,13 +27,7 @@ STANDALONE = ["fcos", "retinanet", "faster_rcnn"]
 DECIMALS = 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: reductions then run in a fixed order, so the network outputs behind proposals repeat."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fixed_batch() -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:

@@ -28,12 +28,7 @@ KEEP_ALL = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(kind: str, overrides: list[str] = (), num_classes: int = NUM_CLASSES):

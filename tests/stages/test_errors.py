@@ -35,5 +35,5 @@ def test_one_line_keeps_a_plain_message():
 
 def test_instantiate_lets_a_constructor_user_error_through_unwrapped():
     with pytest.raises(UserError, match=r"^model.value: got -1; expected >= 0$"):
-        instantiate_or_user_error({"_target_": "tests.test_errors.refuse_negative", "value": -1})
-    assert instantiate_or_user_error({"_target_": "tests.test_errors.refuse_negative", "value": 3}) == 3
+        instantiate_or_user_error({"_target_": "tests.stages.test_errors.refuse_negative", "value": -1})
+    assert instantiate_or_user_error({"_target_": "tests.stages.test_errors.refuse_negative", "value": 3}) == 3
