@@ -4,10 +4,12 @@ same image size, and selective-search proposal throughput (fresh and from the ca
     python benchmarks/box_pretrain_cost.py [--steps N] [--warmup N] [--size S] [--threads N]
         [hydra overrides, e.g. model=co_deformable_detr experiment=smoke trainer.batch_size=4]
 
-Both iterations are built in this process from the same composed config (`stage=box_pretrain` plus the overrides):
+Both iterations are built in this process from the same composed config (`stage=box_pretrain` plus the overrides),
+each a `Trainer.run_step` with the config's AdamW, schedule, clipping and mixed precision, then the step's hooks:
 - finetune: one labelled batch through the detector (its full losses), backward, gradient clipping, AdamW step;
 - box_pretrain: one two-view batch through AlignDet (online detector on view 1 with box losses, momentum detector
-  on view 2 without gradients, projectors, contrastive loss), backward, clipping, AdamW step, EMA update.
+  on view 2 without gradients, projectors, contrastive loss), backward, clipping, AdamW step, then the stage's
+  `MomentumUpdate` hook (the EMA update).
 Every image is resized to a short side of `--size` (long side at most 2x) in both, so only the work differs. After
 `--warmup` steps each, the two take timed steps in turn (so load from other processes hits both alike); the table
 gives the median seconds per iteration. Proposals: one fresh computation into an empty cache folder with
@@ -22,28 +24,23 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+from torch import nn
+
+from stages.box_pretrain import MomentumUpdate, build_aligndet, clamp_proposals, proposal_limit, two_view_forward
+from stages.build import build_model
+from stages.data.build import build_dataset, build_loader
+from stages.data.proposals import load_or_compute_proposals
+from stages.data.two_view import build_two_view_dataset, collate_two_view
+from stages.engine.optim import build_optimizer, build_scheduler
+from stages.engine.trainer import ForwardFn, Hook, Trainer, detection_forward
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run as a script from anywhere, like run.py
-
-from stages.box_pretrain import (  # noqa: E402
-    build_aligndet,
-    clamp_proposals,
-    proposal_limit,
-    two_view_forward,
-)
-from stages.build import build_model  # noqa: E402
-from stages.data.build import build_dataset, build_loader  # noqa: E402
-from stages.data.proposals import load_or_compute_proposals  # noqa: E402
-from stages.data.two_view import build_two_view_dataset, collate_two_view  # noqa: E402
-from stages.engine.optim import build_optimizer  # noqa: E402
-from stages.engine.trainer import detection_forward, total_loss  # noqa: E402
-
 CONF_DIR = REPO / "conf"
 
 
@@ -61,24 +58,43 @@ def endless(loader):
         yield from loader
 
 
-def make_step(model, batches, forward, cfg, device, after: Callable[[], None] | None = None) -> Callable[[], float]:
-    """One timed training iteration (data loading excluded): forward, backward, clip, AdamW step (+ `after`)."""
-    optimizer = build_optimizer(model, cfg.trainer.optimizer)
+def make_step(
+    model: nn.Module,
+    batches: Iterator,
+    forward: ForwardFn,
+    cfg: DictConfig,
+    device: torch.device,
+    max_iters: int,
+    hooks: Sequence[Hook] = (),
+) -> Callable[[], float]:
+    """One timed training iteration (data loading excluded): `Trainer.run_step`, then every hook's `after_step`,
+    as `Trainer.train` runs them."""
     model.to(device).train()
+    tcfg = cfg.trainer
+    optimizer = build_optimizer(model, tcfg.optimizer)
+    scheduler = build_scheduler(optimizer, max_iters, tcfg.scheduler)
+    trainer = Trainer(
+        model,
+        None,
+        optimizer,
+        scheduler,
+        max_iters,
+        device,
+        forward_fn=forward,
+        hooks=hooks,
+        clip_grad_norm=tcfg.clip_grad_norm,
+        amp_dtype=tcfg.amp_dtype,
+    )
 
     def step() -> float:
         batch = next(batches)
         start = time.perf_counter()
-        loss = total_loss(forward(model, batch, device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.trainer.clip_grad_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.clip_grad_norm)
-        optimizer.step()
-        if after is not None:
-            after()
+        trainer.run_step(batch)
+        trainer.iter += 1
+        for hook in trainer.hooks:
+            hook.after_step(trainer)
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         return time.perf_counter() - start
 
     return step
@@ -115,7 +131,8 @@ def main(argv: list[str]) -> None:
     labelled = build_dataset(cfg.data, "train", train=True, seed=cfg.seed)
     detector = build_model(cfg.model, labelled.num_classes)
     ft_loader = build_loader(labelled, batch_size, 0, shuffle=True, seed=cfg.seed, distributed=False, drop_last=True)
-    finetune_step = make_step(detector, endless(ft_loader), detection_forward, cfg, device)
+    total = args.warmup + args.steps
+    finetune_step = make_step(detector, endless(ft_loader), detection_forward, cfg, device, total)
 
     torch.manual_seed(cfg.seed)
     box_detector = build_model(cfg.model, plain.num_classes)
@@ -132,13 +149,7 @@ def main(argv: list[str]) -> None:
         collate_fn=collate_two_view,
     )
     aligndet = build_aligndet(box_detector, cfg.stage)
-    steps_done = [0]
-
-    def ema() -> None:
-        steps_done[0] += 1
-        aligndet.update_momentum(steps_done[0] / (args.warmup + args.steps))
-
-    box_step = make_step(aligndet, endless(box_loader), two_view_forward, cfg, device, after=ema)
+    box_step = make_step(aligndet, endless(box_loader), two_view_forward, cfg, device, total, [MomentumUpdate()])
 
     for _ in range(args.warmup):
         finetune_step()

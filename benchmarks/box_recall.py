@@ -15,23 +15,20 @@ train objects: the ceiling of what box pre-training can teach.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
 from torchvision.ops import box_iou
 
+from models.layers.box_coding import denormalize_boxes
+from models.meta_arch.deformable_detr import DeformableDETR
+from stages.build import build_model
+from stages.data.build import build_dataset
+from stages.data.proposals import load_or_compute_proposals
+from stages.engine.checkpoint import load_into
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run as a script from anywhere, like run.py
-
-from models.layers.box_coding import denormalize_boxes  # noqa: E402
-from models.meta_arch.deformable_detr import DeformableDETR  # noqa: E402
-from stages.build import build_model  # noqa: E402
-from stages.data.build import build_dataset  # noqa: E402
-from stages.data.proposals import load_or_compute_proposals  # noqa: E402
-from stages.engine.checkpoint import load_into  # noqa: E402
-
 CONF_DIR = REPO / "conf"
 
 

@@ -1,12 +1,13 @@
 """Co-DETR training cost: step time and peak memory for K auxiliary heads relative to K = 0, in one run.
 
     python benchmarks/co_detr_cost.py [--ks 0 1 2] [--steps 10] [--warmup 3] [--rounds 2] [--threads 1] [overrides]
-    python benchmarks/co_detr_cost.py trainer.device=cuda trainer.amp=true      # on a GPU, with AMP
+    python benchmarks/co_detr_cost.py trainer.device=cuda trainer.amp_dtype=fp16   # on a GPU, with AMP
 
 Each K runs in its own fresh process (`--worker`), on the same batches of the configured training set (default:
-the synthetic dataset, default CPU preset of model=co_deformable_detr), with the trainer's AdamW, gradient
-clipping and (on CUDA) AMP. The K processes run in turn, `--rounds` times (so a change in machine load hits every
-K alike). A step = forward + backward + clip + optimizer step; the table gives the median over rounds of
+the synthetic dataset, default CPU preset of model=co_deformable_detr), in a Trainer built from the config as a
+stage builds it: AdamW and schedule, gradient clipping, mixed precision (`trainer.amp_dtype`). The K processes run
+in turn, `--rounds` times (so a change in machine load hits every K alike). A step = `Trainer.run_step` (forward +
+backward + clip + optimizer and schedule step); the table gives the median over rounds of
 `--steps` steps after `--warmup` of the wall time ("step s"; on CPU also the process CPU time, "cpu s", which a
 busy shared machine inflates less), images per second, and peak memory (the largest over rounds):
 - CUDA: torch.cuda.max_memory_allocated over the measured steps (tensors only);
@@ -29,8 +30,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run as a script from anywhere, like run.py
-
 CONF_DIR = REPO / "conf"
 
 
@@ -52,19 +51,20 @@ def worker(k: int, steps: int, warmup: int, overrides: list[str]) -> dict:
     from stages.build import build_model
     from stages.common import seed_everything
     from stages.data.build import build_dataset, build_loader
-    from stages.engine.optim import build_optimizer
-    from stages.engine.trainer import to_device, total_loss
+    from stages.engine.optim import build_optimizer, build_scheduler
+    from stages.engine.trainer import Trainer, to_device
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(
             "config",
             overrides=["model=co_deformable_detr", f"model.num_aux_heads={k}", "paths.run_dir=/tmp/unused", *overrides],
         )
-    device = torch.device(cfg.trainer.device)
+    tcfg = cfg.trainer
+    device = torch.device(tcfg.device)
     seed_everything(cfg.seed)
     dataset = build_dataset(cfg.data, "train", train=True, seed=cfg.seed)
     loader = build_loader(
-        dataset, cfg.trainer.batch_size, num_workers=0, shuffle=True, seed=cfg.seed, distributed=False, drop_last=True
+        dataset, tcfg.batch_size, num_workers=0, shuffle=True, seed=cfg.seed, distributed=False, drop_last=True
     )
     batches = []
     for batch in loader:  # the same images for every K, loaded before timing
@@ -72,9 +72,18 @@ def worker(k: int, steps: int, warmup: int, overrides: list[str]) -> dict:
         if len(batches) == warmup + steps:
             break
     model = build_model(cfg.model, dataset.num_classes).to(device).train()
-    optimizer = build_optimizer(model, cfg.trainer.optimizer)
-    amp = bool(cfg.trainer.amp) and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    optimizer = build_optimizer(model, tcfg.optimizer)
+    scheduler = build_scheduler(optimizer, tcfg.max_iters, tcfg.scheduler)
+    trainer = Trainer(
+        model,
+        None,
+        optimizer,
+        scheduler,
+        tcfg.max_iters,
+        device,
+        clip_grad_norm=tcfg.clip_grad_norm,
+        amp_dtype=tcfg.amp_dtype,
+    )
     ready_rss = rss_mib()
 
     def sync() -> None:
@@ -85,19 +94,11 @@ def worker(k: int, steps: int, warmup: int, overrides: list[str]) -> dict:
     for step, batch in enumerate(batches):
         if step == warmup and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        images, targets = to_device(batch, device)
+        # Copied before the clock starts: the step's own copy is then a no-op.
+        batch = to_device(batch, device)
         sync()
         start, cpu_start = time.perf_counter(), time.process_time()
-        with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-            losses = model(images, targets)
-        loss = total_loss(losses)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.trainer.clip_grad_norm:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.clip_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
+        trainer.run_step(batch)
         sync()
         if step >= warmup:
             times.append(time.perf_counter() - start)
@@ -108,10 +109,10 @@ def worker(k: int, steps: int, warmup: int, overrides: list[str]) -> dict:
         "cpu_times": cpu_times,
         "heads": [h.split("_", 1)[1] for h in getattr(model, "aux_head_names", [])],
         "step_s": statistics.median(times),
-        "images_per_s": cfg.trainer.batch_size / statistics.median(times),
-        "device": str(device) + (" amp" if amp else ""),
+        "images_per_s": tcfg.batch_size / statistics.median(times),
+        "device": str(device) + (f" amp {tcfg.amp_dtype}" if tcfg.amp_dtype else ""),
         "threads": torch.get_num_threads(),
-        "batch_size": cfg.trainer.batch_size,
+        "batch_size": tcfg.batch_size,
     }
     if device.type == "cuda":
         result["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-import train_step  # noqa: E402  (benchmarks/train_step.py: the same model config and transformers mapping)
+import train_step  # benchmarks/train_step.py, beside this script: the same model config and transformers mapping
 
 from models.deploy import DeployedDetector
 from stages.build import build_model

@@ -14,7 +14,6 @@ backbone's BatchNorm statistics are first re-estimated on the train crops (grays
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -23,15 +22,13 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
+from models.pretrain.ssl import pooled_features
+from stages.data.build import build_dataset
+from stages.data.crops import GroundTruthCrops
+from stages.engine.checkpoint import load_into
+from stages.image_pretrain import BackboneOnly
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run as a script from anywhere, like run.py
-
-from models.pretrain.ssl import pooled_features  # noqa: E402
-from stages.data.build import build_dataset  # noqa: E402
-from stages.data.crops import GroundTruthCrops  # noqa: E402
-from stages.engine.checkpoint import load_into  # noqa: E402
-from stages.image_pretrain import BackboneOnly  # noqa: E402
-
 CONF_DIR = REPO / "conf"
 
 

@@ -13,12 +13,10 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
+from stages.data.build import build_dataset
+from stages.data.proposals import load_or_compute_proposals
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run as a script from anywhere, like run.py
-
-from stages.data.build import build_dataset  # noqa: E402
-from stages.data.proposals import load_or_compute_proposals  # noqa: E402
-
 CONF_DIR = REPO / "conf"
 WORKER_COUNTS = (0, 1, 2)
 

@@ -13,10 +13,12 @@ and targets (`--boxes` random boxes per image) and compute the focal + L1 + GIoU
 layer (HF: `auxiliary_loss=True`). One known difference: with box refinement transformers 5.x ties its per-layer
 class heads into one Linear (d_model x K + K parameters per extra layer fewer); the compute is the same.
 
-One step = forward (with --amp: float16 autocast and loss scaling on CUDA like our trainer, bfloat16 on CPU) + sum of losses + backward + gradient clipping (our
-trainer's `clip_grad_norm`) + AdamW step + zero_grad. After `--warmup` steps each, the models take timed steps in
-turn (ours, HF, ours, ...), so load from other processes on the machine hits both alike; images/s =
-batch / median step time.
+One step is our trainer's: `stages.engine.trainer.Trainer.run_step`, one Trainer per model with its own forward
+(ours: images and targets; HF's: normalised pixels and cxcywh targets, its summed loss), the config's AdamW and
+schedule (`trainer.optimizer`, `trainer.scheduler`) and gradient clipping (`trainer.clip_grad_norm`): forward (with
+--amp: `amp_dtype=fp16`, autocast and loss scaling, on CUDA; `bf16` on CPU) + sum of losses + backward + clipping +
+AdamW and schedule step. After `--warmup` steps each, the models take timed steps in turn (ours, HF, ours, ...), so
+load from other processes on the machine hits both alike; images/s = batch / median step time.
 
 Memory, per model:
 - state MB: parameters, buffers and AdamW state (resident between steps), counted from the tensors.
@@ -39,9 +41,6 @@ import math
 import os
 import statistics
 import sys
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,29 +49,22 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from stages.build import build_model
+from stages.engine.optim import build_optimizer, build_scheduler
+from stages.engine.trainer import LossDict, Trainer, detection_forward, run_steps
+from stages.errors import UserError
+
 if TYPE_CHECKING:
     from transformers import DeformableDetrConfig
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run as a script from anywhere, like run.py
-
-from stages.build import build_model  # noqa: E402
-from stages.errors import UserError  # noqa: E402
-
 CONF_DIR = REPO / "conf"
 MB = 2**20
 # transformers hard-codes the GroupNorm groups of its input projection (our neck reads them from the config).
 HF_NECK_GROUPS = 32
 
 
-@dataclass
-class Contender:
-    """One model ready to train: `loss()` runs its forward on the shared batch and returns the summed loss."""
-
-    name: str
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    loss: Callable[[], Tensor]
+Batch = tuple[list[Tensor], list[dict[str, Tensor]]]
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -197,119 +189,91 @@ def hf_config(cfg: DictConfig, num_classes: int) -> DeformableDetrConfig:
     )
 
 
-def build_contenders(
-    cfg: DictConfig,
-    num_classes: int,
-    images: list[Tensor],
-    targets: list[dict[str, Tensor]],
-    device: torch.device,
-    seed: int,
-) -> list[Contender]:
-    """Ours (from `cfg.model`) and HF's (from the equal DeformableDetrConfig), each with our trainer's AdamW."""
+def amp_dtype(device: torch.device, amp: bool) -> str | None:
+    """--amp as our trainer's `trainer.amp_dtype`: float16 with loss scaling on CUDA; CPU autocast only runs
+    bfloat16 at a useful speed."""
+    if not amp:
+        return None
+    return "fp16" if device.type == "cuda" else "bf16"
+
+
+def build_trainers(cfg: DictConfig, num_classes: int, device: torch.device, amp: bool, seed: int) -> list[Trainer]:
+    """Ours (from `cfg.model`) and HF's (from the equal DeformableDetrConfig), each in a Trainer with the config's
+    optimizer, schedule and clipping; only `run_step` is used, so neither has a loader."""
     from torchvision.ops import box_convert
     from transformers import DeformableDetrForObjectDetection
 
-    images = [img.to(device) for img in images]
-    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-
     torch.manual_seed(seed)
     ours = build_model(cfg.model, num_classes).to(device).train()
-
-    def ours_loss() -> Tensor:
-        return sum(ours(images, targets).values())
 
     torch.manual_seed(seed)
     hf = DeformableDetrForObjectDetection(hf_config(cfg, num_classes)).to(device).train()
     mean = torch.tensor(list(cfg.model.detector.pixel_mean), device=device).view(1, -1, 1, 1)
     std = torch.tensor(list(cfg.model.detector.pixel_std), device=device).view(1, -1, 1, 1)
 
-    def hf_loss() -> Tensor:
+    def hf_forward(model: nn.Module, batch: Batch, device: torch.device) -> LossDict:
         # The same preprocessing ours does inside forward: normalise, batch, pixel targets -> normalised cxcywh.
+        images, targets = batch
         pixels = (torch.stack(images) - mean) / std
         pixel_mask = torch.ones(pixels.shape[0], *pixels.shape[2:], dtype=torch.long, device=device)
         scale = torch.tensor([pixels.shape[3], pixels.shape[2]] * 2, dtype=torch.float32, device=device)
         labels = [
             {"class_labels": t["labels"], "boxes": box_convert(t["boxes"] / scale, "xyxy", "cxcywh")} for t in targets
         ]
-        return hf(pixel_values=pixels, pixel_mask=pixel_mask, labels=labels).loss
+        return {"loss": model(pixel_values=pixels, pixel_mask=pixel_mask, labels=labels).loss}
 
-    from stages.engine.optim import build_optimizer
-
-    opt_cfg = cfg.trainer.optimizer
-    return [
-        Contender("ours", ours, build_optimizer(ours, opt_cfg), ours_loss),
-        Contender("transformers", hf, build_optimizer(hf, opt_cfg), hf_loss),
-    ]
-
-
-class Stepper:
-    """One training step as our trainer takes it (autocast, GradScaler on CUDA, clipping, AdamW)."""
-
-    def __init__(self, device: torch.device, amp: bool, clip_grad_norm: float) -> None:
-        self.device = device
-        self.amp = amp
-        # Our trainer's AMP: float16 + loss scaling on CUDA. CPU autocast only runs bfloat16 at a useful speed.
-        self.dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-        self.scalers: dict[str, torch.amp.GradScaler] = {}
-        self.clip_grad_norm = clip_grad_norm
-
-    def __call__(self, c: Contender) -> None:
-        scaler = self.scalers.setdefault(
-            c.name, torch.amp.GradScaler("cuda", enabled=self.amp and self.device.type == "cuda")
+    tcfg = cfg.trainer
+    trainers = []
+    for name, model, forward in (("ours", ours, detection_forward), ("transformers", hf, hf_forward)):
+        optimizer = build_optimizer(model, tcfg.optimizer)
+        trainers.append(
+            Trainer(
+                model,
+                None,
+                optimizer,
+                build_scheduler(optimizer, tcfg.max_iters, tcfg.scheduler),
+                tcfg.max_iters,
+                device,
+                forward_fn=forward,
+                clip_grad_norm=tcfg.clip_grad_norm,
+                amp_dtype=amp_dtype(device, amp),
+                name=name,
+            )
         )
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.amp):
-            loss = c.loss()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{c.name}: non-finite loss {float(loss)}")
-        scaler.scale(loss).backward()
-        if self.clip_grad_norm:
-            scaler.unscale_(c.optimizer)
-            nn.utils.clip_grad_norm_(c.model.parameters(), self.clip_grad_norm)
-        scaler.step(c.optimizer)
-        scaler.update()
-        c.optimizer.zero_grad(set_to_none=True)
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    return trainers
 
 
-def time_steps(contenders: list[Contender], step: Stepper, warmup: int, steps: int) -> dict[str, list[float]]:
+def time_steps(trainers: list[Trainer], batch: Batch, warmup: int, steps: int) -> dict[str, list[float]]:
     """Seconds of each timed step per model; the models take their timed steps in turn."""
-    for c in contenders:
-        for _ in range(warmup):
-            step(c)
-    seconds: dict[str, list[float]] = {c.name: [] for c in contenders}
+    for trainer in trainers:
+        run_steps(trainer, [batch], warmup)
+    seconds: dict[str, list[float]] = {trainer.name: [] for trainer in trainers}
     for _ in range(steps):
-        for c in contenders:
-            step.sync()
-            start = time.perf_counter()
-            step(c)
-            step.sync()
-            seconds[c.name].append(time.perf_counter() - start)
+        for trainer in trainers:
+            seconds[trainer.name] += run_steps(trainer, [batch], 1)
     return seconds
 
 
-def state_bytes(c: Contender) -> int:
+def state_bytes(trainer: Trainer) -> int:
     """Parameters, buffers and optimizer state: what stays allocated between steps."""
-    tensors = [*c.model.parameters(), *c.model.buffers()]
-    tensors += [v for state in c.optimizer.state.values() for v in state.values() if isinstance(v, Tensor)]
+    tensors = [*trainer.model.parameters(), *trainer.model.buffers()]
+    tensors += [v for state in trainer.optimizer.state.values() for v in state.values() if isinstance(v, Tensor)]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def step_peak_bytes(c: Contender, step: Stepper) -> int:
+def step_peak_bytes(trainer: Trainer, batch: Batch) -> int:
     """Peak tensor memory of one step above the allocation at its start (see the module docstring)."""
-    if step.device.type == "cuda":
-        step.sync()
-        torch.cuda.reset_peak_memory_stats(step.device)
-        start = torch.cuda.memory_allocated(step.device)
-        step(c)
-        step.sync()
-        return torch.cuda.max_memory_allocated(step.device) - start
+    device = trainer.device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        run_steps(trainer, [batch], 1)
+        return torch.cuda.max_memory_allocated(device) - start
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(c)
+        trainer.run_step(batch)
     # Allocation (+) and free (-) events in time order; the running sum is the memory allocated since the start.
     events = sorted(
         (e.start_ns(), e.nbytes())
@@ -323,16 +287,15 @@ def step_peak_bytes(c: Contender, step: Stepper) -> int:
     return peak
 
 
-def profile_ops(c: Contender, step: Stepper, steps: int, rows: int) -> str:
+def profile_ops(trainer: Trainer, batch: Batch, steps: int, rows: int) -> str:
     """The top operators of `steps` steps by self time (CUDA time too on a GPU)."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if step.device.type == "cuda" else [])
+    on_cuda = trainer.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     with profile(activities=activities) as prof:
-        for _ in range(steps):
-            step(c)
-        step.sync()
-    sort = "self_cuda_time_total" if step.device.type == "cuda" else "self_cpu_time_total"
+        run_steps(trainer, [batch], steps)
+    sort = "self_cuda_time_total" if on_cuda else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=sort, row_limit=rows)
 
 
@@ -342,20 +305,21 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-def measure(contenders: list[Contender], step: Stepper, batch: int, warmup: int, steps: int) -> dict[str, dict]:
+def measure(trainers: list[Trainer], batch: Batch, warmup: int, steps: int) -> dict[str, dict]:
     """Per model: params, images/s, median and p10/p90 step seconds, state / step peak / peak bytes."""
-    seconds = time_steps(contenders, step, warmup, steps)
+    seconds = time_steps(trainers, batch, warmup, steps)
+    num_images = len(batch[0])
     stats = {}
-    for c in contenders:
-        median = statistics.median(seconds[c.name])
-        state = state_bytes(c)
-        step_peak = step_peak_bytes(c, step)
-        stats[c.name] = {
-            "params": sum(p.numel() for p in c.model.parameters()),
-            "ips": batch / median,
+    for trainer in trainers:
+        median = statistics.median(seconds[trainer.name])
+        state = state_bytes(trainer)
+        step_peak = step_peak_bytes(trainer, batch)
+        stats[trainer.name] = {
+            "params": sum(p.numel() for p in trainer.model.parameters()),
+            "ips": num_images / median,
             "ms": 1000 * median,
-            "p10": 1000 * percentile(seconds[c.name], 0.1),
-            "p90": 1000 * percentile(seconds[c.name], 0.9),
+            "p10": 1000 * percentile(seconds[trainer.name], 0.1),
+            "p90": 1000 * percentile(seconds[trainer.name], 0.9),
             "state": state,
             "step_peak": step_peak,
             "peak": state + step_peak,
@@ -402,9 +366,10 @@ def main(argv: list[str]) -> None:
     num_classes = len(cfg.data.generator.classes)
     batch = cfg.trainer.batch_size
     images, targets = make_batch(batch, args.height, args.width, args.boxes, num_classes, args.seed)
-    contenders = build_contenders(cfg, num_classes, images, targets, device, args.seed)
-    step = Stepper(device, args.amp, cfg.trainer.clip_grad_norm)
-    stats = measure(contenders, step, batch, args.warmup, args.steps)
+    # On the device once, so that the steps time the training and not the copies.
+    batch_on_device = ([img.to(device) for img in images], [{k: v.to(device) for k, v in t.items()} for t in targets])
+    trainers = build_trainers(cfg, num_classes, device, args.amp, args.seed)
+    stats = measure(trainers, batch_on_device, args.warmup, args.steps)
 
     det = cfg.model.detector
     tr = det.transformer
@@ -417,9 +382,9 @@ def main(argv: list[str]) -> None:
     )
     print_table(stats)
     if args.profile:
-        for c in contenders:
-            print(f"\nprofile: {c.name}, {args.profile} steps")
-            print(profile_ops(c, step, args.profile, rows=25))
+        for trainer in trainers:
+            print(f"\nprofile: {trainer.name}, {args.profile} steps")
+            print(profile_ops(trainer, batch_on_device, args.profile, rows=25))
 
 
 if __name__ == "__main__":

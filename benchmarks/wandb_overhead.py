@@ -3,7 +3,8 @@
     python benchmarks/wandb_overhead.py [--rounds 7] [--iters 40] [--calls 200] [--threads 1] [--json PATH]
         [hydra overrides, default: experiment=smoke model=co_deformable_detr model.num_aux_heads=2]
 
-Everything runs in this one process, on finetune's model, data and Trainer as the config builds them:
+Everything runs in this one process, on finetune's model, data and Trainer as the stage builds them
+(`StageContext.trainer`: its logging and checkpoint hooks included):
 
 1. Training loop. The Trainer trains `--iters` iterations with `logger=none`, then with `logger=wandb` (offline,
    files in a temporary run directory), alternating for `--rounds` rounds (and which goes first) so that other
@@ -34,19 +35,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from stages.build import build_model
+from stages.context import open_stage
+from stages.data.build import build_dataset, build_train_loader
+from stages.engine.metrics import MetricsLogger
+from stages.engine.trainer import Hook, Trainer
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run as a script from anywhere, like run.py
-
-import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import DictConfig, open_dict  # noqa: E402
-
-from stages.build import build_model  # noqa: E402
-from stages.common import seed_everything  # noqa: E402
-from stages.data.build import build_dataset, build_train_loader  # noqa: E402
-from stages.engine.metrics import MetricsLogger  # noqa: E402
-from stages.engine.trainer import Hook, Trainer  # noqa: E402
-
 CONF_DIR = REPO / "conf"
 DEFAULT_OVERRIDES = ["experiment=smoke", "model=co_deformable_detr", "model.num_aux_heads=2"]
 LOGGERS = ("none", "wandb")
@@ -108,16 +107,20 @@ def config(overrides: list[str], logger: str, run_dir: Path, iters: int) -> Dict
 
 
 def train(cfg: DictConfig) -> dict[str, float | None]:
-    """One finetune training run (finetune's model, data and loader); ms per iteration over iterations 2..N."""
-    seed_everything(cfg.seed)
+    """One finetune training run (finetune's model, data, loader and `StageContext.trainer` with its hooks);
+    ms per iteration over iterations 2..N."""
+    ctx = open_stage(cfg)
     dataset = build_dataset(cfg.data, "train", train=True, seed=cfg.seed)
     model = build_model(cfg.model, dataset.num_classes)
     loader = build_train_loader(dataset, cfg.trainer, cfg.seed, distributed=False)
+    trainer = ctx.trainer(model, loader)
     clock = LoopClock()
-    stage_dir = Path(cfg.paths.run_dir) / "finetune"
-    Trainer(cfg, model, loader, stage_dir, "finetune", torch.device(cfg.trainer.device), hooks=[clock]).train()
+    # Last, so that each mark falls after the step's logging and checkpoint hooks: the interval holds whole
+    # iterations.
+    trainer.hooks.append(clock)
+    trainer.train()
     (wall0, cpu0, child0), (wall1, cpu1, child1) = clock.marks
-    n = cfg.trainer.max_iters - 1
+    n = trainer.max_iters - 1
     return {
         "wall": (wall1 - wall0) / n * 1e3,
         "cpu": (cpu1 - cpu0) / n * 1e3,
