@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from stages.build import build_model
 from stages.engine.optim import build_optimizer, build_scheduler
-from stages.engine.trainer import LossDict, Trainer, detection_forward, run_steps
+from stages.engine.trainer import LossDict, Trainer, compile_modules, detection_forward, run_steps
 from stages.errors import UserError
 
 if TYPE_CHECKING:
@@ -88,6 +88,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     )
     p.add_argument("--profile", type=int, default=0, help="profiled steps per model after timing (0: none)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile our model's trainer.compile_modules (as trainer.compile)"
+    )
     return p.parse_known_args(argv)
 
 
@@ -197,7 +200,9 @@ def amp_dtype(device: torch.device, amp: bool) -> str | None:
     return "fp16" if device.type == "cuda" else "bf16"
 
 
-def build_trainers(cfg: DictConfig, num_classes: int, device: torch.device, amp: bool, seed: int) -> list[Trainer]:
+def build_trainers(
+    cfg: DictConfig, num_classes: int, device: torch.device, amp: bool, seed: int, compile: bool = False
+) -> list[Trainer]:
     """Ours (from `cfg.model`) and HF's (from the equal DeformableDetrConfig), each in a Trainer with the config's
     optimizer, schedule and clipping; only `run_step` is used, so neither has a loader."""
     from torchvision.ops import box_convert
@@ -205,6 +210,8 @@ def build_trainers(cfg: DictConfig, num_classes: int, device: torch.device, amp:
 
     torch.manual_seed(seed)
     ours = build_model(cfg.model, num_classes).to(device).train()
+    if compile:
+        compile_modules(ours, list(cfg.trainer.compile_modules))
 
     torch.manual_seed(seed)
     hf = DeformableDetrForObjectDetection(hf_config(cfg, num_classes)).to(device).train()
@@ -368,13 +375,14 @@ def main(argv: list[str]) -> None:
     images, targets = make_batch(batch, args.height, args.width, args.boxes, num_classes, args.seed)
     # On the device once, so that the steps time the training and not the copies.
     batch_on_device = ([img.to(device) for img in images], [{k: v.to(device) for k, v in t.items()} for t in targets])
-    trainers = build_trainers(cfg, num_classes, device, args.amp, args.seed)
+    trainers = build_trainers(cfg, num_classes, device, args.amp, args.seed, args.compile)
     stats = measure(trainers, batch_on_device, args.warmup, args.steps)
 
     det = cfg.model.detector
     tr = det.transformer
     print(
-        f"\nDeformable-DETR train step on {args.device} ({torch.get_num_threads()} threads, amp={args.amp}): "
+        f"\nDeformable-DETR train step on {args.device} ({torch.get_num_threads()} threads, amp={args.amp}, "
+        f"compile={args.compile}): "
         f"R{det.backbone.depth}, d_model {cfg.model.d_model}, {tr.num_encoder_layers}+{tr.num_decoder_layers} layers, "
         f"FFN {tr.dim_feedforward}, {tr.num_heads} heads, {tr.num_points} points, {cfg.model.num_feature_levels} levels, "
         f"{cfg.model.num_queries} queries, box_refine={det.with_box_refine}, two_stage={det.two_stage}, "

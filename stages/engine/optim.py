@@ -27,7 +27,13 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, lr_mults: dic
 
 def build_optimizer(model: nn.Module, opt_cfg: DictConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, opt_cfg.lr, opt_cfg.weight_decay, dict(opt_cfg.get("lr_mults", {}) or {}))
-    return torch.optim.AdamW(groups, lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), weight_decay=opt_cfg.weight_decay)
+    return torch.optim.AdamW(
+        groups,
+        lr=opt_cfg.lr,
+        betas=tuple(opt_cfg.betas),
+        weight_decay=opt_cfg.weight_decay,
+        fused=bool(opt_cfg.get("fused", False)),
+    )
 
 
 def lr_factor(it: int, max_iters: int, sched_cfg: DictConfig) -> float:
