@@ -77,10 +77,8 @@ class CoDeformableDETR(DeformableDETR):
             maps. Its output strides for this DETR's levels must equal every head's strides.
         lambda1: weight of the customised-query decoder losses (Eq. 6).
         lambda2: weight of the auxiliary head losses (Eq. 6). The paper sums that term over the L decoder
-            layers; like the reference, the heads' own loss weights already hold lambda2 x L (2 x 6 = 12 for
-            the published recipe), so the head losses are multiplied by lambda2 / `lambda2_in_head_weights`:
-            exactly 1 at the defaults, and e.g. 0.5 for the paper's lambda2 = 1 ablation.
-        lambda2_in_head_weights: the lambda2 folded into the heads' loss weights by their config.
+            layers, so the heads' own weighted losses are multiplied by lambda2 x L, L this model's decoder
+            depth (the reference folds 2 x 6 = 12 into its head weights, for its 6 layers).
         max_pos_queries: positives kept per image and head (a random subset beyond it; the reference's 300).
         min_pos_queries: the smallest group size N (the reference's 9); N = the batch's largest kept positive
             count, clamped to [min_pos_queries, max_pos_queries], each image padded with its negatives.
@@ -95,7 +93,7 @@ class CoDeformableDETR(DeformableDETR):
     its `head_pos_embed` (a documented bug that adds a learned scalar to head 0's query positions only).
 
     Training returns the parent's `detr/...` losses plus, for head i named p: `p/<head loss>` (times
-    lambda2 / lambda2_in_head_weights) and `p_queries/loss_{cls,bbox,giou}[_d{l}]` (times lambda1).
+    lambda2 x L) and `p_queries/loss_{cls,bbox,giou}[_d{l}]` (times lambda1).
     """
 
     def __init__(
@@ -106,7 +104,6 @@ class CoDeformableDETR(DeformableDETR):
         adapter: nn.Module | Callable[[], nn.Module] | None = None,
         lambda1: float,
         lambda2: float,
-        lambda2_in_head_weights: float,
         max_pos_queries: int,
         min_pos_queries: int,
         with_pos_feature: bool,
@@ -118,8 +115,6 @@ class CoDeformableDETR(DeformableDETR):
         for argument, value in (("lambda1", lambda1), ("lambda2", lambda2)):
             if value < 0:
                 raise ModelConfigError(argument, f"got {value}; expected >= 0")
-        if lambda2_in_head_weights <= 0:
-            raise ModelConfigError("lambda2_in_head_weights", f"got {lambda2_in_head_weights}; expected > 0")
         if not 1 <= min_pos_queries <= max_pos_queries:
             raise ModelConfigError(
                 "min_pos_queries",
@@ -128,7 +123,7 @@ class CoDeformableDETR(DeformableDETR):
             )
         self.aux_head_names = list(aux_head_names)
         self.lambda1 = lambda1
-        self.head_loss_scale = lambda2 / lambda2_in_head_weights
+        self.head_loss_scale = lambda2 * self.transformer.num_decoder_layers
         self.max_pos_queries = max_pos_queries
         self.min_pos_queries = min_pos_queries
         self.with_pos_feature = with_pos_feature
@@ -257,7 +252,7 @@ class CoDeformableDETR(DeformableDETR):
         self, encoded: Encoded, image_sizes: list[tuple[int, int]], targets: list[dict[str, Tensor]]
     ) -> Iterator[tuple[int, str, dict[str, Tensor], AuxPositives]]:
         """Every auxiliary head on the adapter's maps of `encoded`, one at a time: (index, name, its losses times
-        lambda2 / lambda2_in_head_weights, its positives). A generator, so that the caller's work on one head
+        lambda2 x L, its positives). A generator, so that the caller's work on one head
         happens before the next head runs (random draws stay in that order).
 
         targets: per image {"boxes" [G, 4] xyxy pixels, "labels" [G]}."""

@@ -202,10 +202,25 @@ def test_lambdas_scale_the_query_and_head_losses():
         with torch.no_grad():
             losses[lambdas] = model(images, targets)
     default, half = losses[("1.0", "2.0")], losses[("0.5", "1.0")]
-    # lambda2 = 2 is the value folded into the head weights: the heads' own weighted losses, unchanged
+    # Halving lambda2 halves the head losses (times lambda2 x L), halving lambda1 the query losses.
     for key in ("aux0_atss_queries/loss_cls", "aux0_atss_queries/loss_giou_d0", "aux0_atss/loss_cls"):
         torch.testing.assert_close(half[key], 0.5 * default[key])
     torch.testing.assert_close(half["detr/loss_cls"], default["detr/loss_cls"])
+
+
+@pytest.mark.parametrize("layers", [3, 6])
+def test_head_losses_are_their_weighted_losses_times_lambda2_and_the_decoder_depth(layers):
+    images, targets = batch()
+    model = build(1, (f"model.num_decoder_layers={layers}",)).train()
+    assert model.head_loss_scale == 2.0 * layers  # lambda2 = 2, Eq. 6's sum over the L decoder layers
+    losses = {}
+    for scale in (model.head_loss_scale, 1.0):
+        model.head_loss_scale = scale
+        torch.manual_seed(5)
+        with torch.no_grad():
+            losses[scale] = model(images, targets)
+    for key in ("aux0_atss/loss_cls", "aux0_atss/loss_bbox", "aux0_atss/loss_centerness"):
+        torch.testing.assert_close(losses[2.0 * layers][key], 2.0 * layers * losses[1.0][key])
 
 
 # ---- gradients, eval isolation, checkpoints ----
