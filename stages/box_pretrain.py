@@ -71,6 +71,7 @@ def build_aligndet(detector: nn.Module, stage_cfg: DictConfig) -> AlignDet:
         base_momentum=a.base_momentum,
         contrastive_weight=a.contrastive_weight,
         freeze_backbone=stage_cfg.freeze_backbone,
+        max_background=a.max_background,
         detr_all_layers=a.detr_all_layers,
         detr_objectness=a.detr_objectness,
     )

@@ -7,6 +7,7 @@ which turns them into customised positive queries (§3.3). Heads run in training
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -45,7 +46,8 @@ class AuxHead(nn.Module):
 
     Constructor: `name` (a short tag, e.g. "atss", used by the meta-architecture for loss-key prefixes),
     `num_classes` (C, labels contiguous 0..C-1), `in_channels` (the adapter's width, d_model), `strides` (one per
-    input level, finest first) and `max_negatives` (per image, for `AuxPositives`).
+    input level, finest first), `max_negatives` (per image, for `AuxPositives`) and `align_drop_keys` (what a
+    box-pretrained checkpoint of the head leaves out of fine-tuning: `align_drop_keys()`).
 
     forward(features, strides, image_sizes, targets) -> (losses, positives), training only:
     - `features`: list of [B, C, H_l, W_l] maps of the padded batch, finest first, level l at `strides[l]`;
@@ -59,9 +61,18 @@ class AuxHead(nn.Module):
     # projector, so it leaves that loss out.
     classification_loss_key = "loss_cls"
 
-    def __init__(self, name: str, num_classes: int, in_channels: int, strides: list[int], max_negatives: int):
+    def __init__(
+        self,
+        name: str,
+        num_classes: int,
+        in_channels: int,
+        strides: list[int],
+        max_negatives: int,
+        align_drop_keys: Sequence[str],
+    ):
         super().__init__()
         self.name = name
+        self.transfer_drop_keys = list(align_drop_keys)
         self.num_classes = num_classes
         self.in_channels = in_channels
         self.strides = [int(s) for s in strides]
@@ -75,9 +86,10 @@ class AuxHead(nn.Module):
             raise ValueError(f"{type(self).__name__}: got {len(features)} maps; expected {len(self.strides)}")
 
     def align_drop_keys(self) -> list[str]:
-        """State-dict prefixes (inside the head) of its class-specific predictors, which a box-pretrained
-        checkpoint leaves out of fine-tuning."""
-        raise NotImplementedError(f"{type(self).__name__} must implement align_drop_keys")
+        """State-dict key patterns (inside the head; `stages.engine.checkpoint.drop_matches`) that a box-pretrained
+        checkpoint leaves out of fine-tuning: its classifier and last box-regression layer (the head config's
+        `align_drop_keys`)."""
+        return list(self.transfer_drop_keys)
 
     def forward(
         self,

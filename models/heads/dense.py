@@ -8,6 +8,7 @@ loss maths; everything else (flattening, padding masks, float32 regions, positiv
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +115,7 @@ class DenseAuxHead(AuxHead):
         in_channels: int,
         strides: list[int],
         max_negatives: int,
+        align_drop_keys: Sequence[str],
         prior_generator: StrideAnchorGenerator | StridePointGenerator,
         feat_channels: int | None,
         stacked_convs: int,
@@ -125,7 +127,7 @@ class DenseAuxHead(AuxHead):
         weight_bbox: float,
         weight_centerness: float | None = None,
     ):
-        super().__init__(name, num_classes, in_channels, strides, max_negatives)
+        super().__init__(name, num_classes, in_channels, strides, max_negatives, align_drop_keys)
         self.prior_generator = prior_generator
         self.tower = DenseTower(
             in_channels,
@@ -143,9 +145,6 @@ class DenseAuxHead(AuxHead):
         self.weight_cls = weight_cls
         self.weight_bbox = weight_bbox
         self.weight_centerness = weight_centerness
-
-    def align_drop_keys(self) -> list[str]:
-        return ["tower.cls_pred."]
 
     def make_priors(self, feature_shapes: list[tuple[int, int]], device: torch.device) -> DensePriors:
         """The head's priors for maps of these (H, W) shapes."""

@@ -8,6 +8,7 @@ features and fixes smooth-L1 on deltas.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -78,8 +79,9 @@ class FasterRCNNAuxHead(AuxHead):
         weight_cls: float,
         weight_bbox: float,
         max_negatives: int,
+        align_drop_keys: Sequence[str],
     ):
-        super().__init__(name, num_classes, in_channels, strides, max_negatives)
+        super().__init__(name, num_classes, in_channels, strides, max_negatives, align_drop_keys)
         if not 1 <= num_roi_levels <= len(self.strides):
             raise ValueError(f"FasterRCNNAuxHead: num_roi_levels {num_roi_levels}; expected 1..{len(self.strides)}")
         finest = math.log2(self.strides[0])
@@ -120,10 +122,6 @@ class FasterRCNNAuxHead(AuxHead):
         self.weight_rpn_bbox = weight_rpn_bbox
         self.weight_cls = weight_cls
         self.weight_bbox = weight_bbox
-
-    def align_drop_keys(self) -> list[str]:
-        # The box regressor is class-specific too ((C + 1) x 4 outputs); only slot 1 learns from proposals.
-        return ["box_predictor."]
 
     @torch.no_grad()
     def sample_proposals(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +24,7 @@ from models.layers.deformable_transformer import Decoded, DeformableTransformer,
 from models.layers.image_list import batch_images
 from models.layers.position_encoding import SinePositionEncoding
 from models.losses.detr_loss import SetCriterion, check_finite, num_target_boxes
-from models.pretrain.align_outputs import DEFAULT_ALIGN_OPTIONS, AlignOptions, AlignOutputs
+from models.pretrain.align_outputs import DEFAULT_ALIGN_OPTIONS, AlignOptions, AlignOutputs, with_background
 
 # Focal-loss prior (RetinaNet): class logits start at sigmoid^-1(0.01), so the many negatives do not swamp the
 # first steps.
@@ -95,6 +95,8 @@ class DeformableDETR(nn.Module):
         max_detections: detections kept per image at inference (top-k over queries x classes; no NMS).
         pixel_mean, pixel_std: RGB normalisation of the [0, 1] input images.
         size_divisibility: the padded batch's height and width are multiples of it.
+        align_drop_class_keys, align_drop_keys: what a box-pretrained checkpoint leaves out of fine-tuning
+            (`align_drop_keys()`): the class heads (kept when pre-trained as objectness heads) and the rest.
 
     forward(images: list of [3, H, W] in [0, 1], targets: list of {"boxes" xyxy pixels, "labels"} or None).
     Training: a dict of weighted losses, keys "detr/loss_{cls,bbox,giou}" (last layer), "..._d{l}" (earlier
@@ -129,6 +131,8 @@ class DeformableDETR(nn.Module):
         pixel_mean: list[float],
         pixel_std: list[float],
         size_divisibility: int,
+        align_drop_class_keys: Sequence[str],
+        align_drop_keys: Sequence[str],
     ) -> None:
         super().__init__()
         if mixed_query_selection and not two_stage:
@@ -148,6 +152,8 @@ class DeformableDETR(nn.Module):
         self.look_forward_twice = look_forward_twice
         self.max_detections = max_detections
         self.size_divisibility = size_divisibility
+        self.transfer_drop_class_keys = list(align_drop_class_keys)
+        self.transfer_drop_keys = list(align_drop_keys)
         self.register_buffer(
             "pixel_mean", torch.tensor(list(pixel_mean), dtype=torch.float32).view(-1, 1, 1), persistent=False
         )
@@ -331,9 +337,11 @@ class DeformableDETR(nn.Module):
         return {DETR_BRANCH: int(self.transformer.d_model)}
 
     def align_drop_keys(self, options: AlignOptions = DEFAULT_ALIGN_OPTIONS) -> list[str]:
-        """The class heads of every decoder layer, unless they were pre-trained as objectness heads. The
-        two-stage encoder's one-logit object head is kept (class-agnostic)."""
-        return [] if options.objectness else [f"class_embed.{layer}." for layer in range(len(self.class_embed))]
+        """State-dict key patterns (`stages.engine.checkpoint.drop_matches`) a box-pretrained checkpoint leaves out
+        of fine-tuning: `align_drop_keys`, and `align_drop_class_keys` unless the class heads were pre-trained as
+        objectness heads."""
+        class_keys = [] if options.objectness else self.transfer_drop_class_keys
+        return [*class_keys, *self.transfer_drop_keys]
 
     def align_outputs(
         self,
@@ -370,7 +378,7 @@ class DeformableDETR(nn.Module):
         labelled = range(num_layers) if options.all_layers else [num_layers - 1]
         num_boxes = num_target_boxes(proposals, decoded.boxes.device)
         out = AlignOutputs()
-        features, feature_ids = [], []
+        features, feature_ids, background = [], [], []
         for layer in range(num_layers):
             if layer not in labelled and not with_losses:
                 continue
@@ -378,8 +386,12 @@ class DeformableDETR(nn.Module):
             if layer in labelled:
                 # Image-major, queries ascending within an image: rows and ids are built from the same pairs.
                 for image, (pred, tgt) in enumerate(indices):
-                    features.append(decoded.hidden_states[layer, image, pred.to(decoded.boxes.device)])
+                    pred = pred.to(decoded.boxes.device)
+                    features.append(decoded.hidden_states[layer, image, pred])
                     feature_ids.append(ids[image][tgt.to(ids[image].device)])
+                    unmatched = torch.ones(decoded.hidden_states.shape[2], dtype=torch.bool, device=pred.device)
+                    unmatched[pred] = False
+                    background.append(decoded.hidden_states[layer, image, unmatched])
             if with_losses:
                 losses = self.criterion.loss_for_assignment(
                     decoded.logits[layer], decoded.boxes[layer], proposals, indices, num_boxes
@@ -391,8 +403,9 @@ class DeformableDETR(nn.Module):
                     out.losses[f"{DETR_BRANCH}/loss_objectness{suffix}"] = self.criterion.objectness_loss(
                         decoded.logits[layer], indices, num_boxes
                     )
-        out.features[DETR_BRANCH] = torch.cat(features)
-        out.ids[DETR_BRANCH] = torch.cat(feature_ids)
+        out.features[DETR_BRANCH], out.ids[DETR_BRANCH] = with_background(
+            torch.cat(features), torch.cat(feature_ids), torch.cat(background), options.max_background
+        )
         if with_losses and queries.enc_logits is not None:
             # Two-stage: the encoder's object-or-not proposals learn the proposals as objects (like an RPN would).
             enc_losses, _ = self.criterion.match_and_loss(

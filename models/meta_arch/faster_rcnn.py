@@ -90,6 +90,7 @@ class FasterRCNNDetector(FPNDetectorMixin, GeneralizedRCNN):
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
         size_divisibility: int,
+        align_drop_keys: Sequence[str],
     ) -> None:
         strides = pyramid_strides(backbone, self.NUM_EXTRA_LEVELS)
         check_levels("anchor_sizes", anchor_sizes, len(strides))
@@ -125,6 +126,7 @@ class FasterRCNNDetector(FPNDetectorMixin, GeneralizedRCNN):
         self.label_offset = 1
         self.neck = fpn(backbone, fpn_channels, LastLevelMaxPool())
         self.loss_weights = check_loss_weights(loss_weights, self.LOSS_NAMES)
+        self.transfer_drop_keys = list(align_drop_keys)
         self.representation_size = representation_size
         # Positives only (fraction 1, negatives marked ignored), as the reference's RoI sampler for pre-training.
         self.align_sampler = BalancedPositiveNegativeSampler(align_rois_per_image, 1.0)
@@ -190,6 +192,3 @@ class FasterRCNNDetector(FPNDetectorMixin, GeneralizedRCNN):
 
     def align_feature_dims(self) -> dict[str, int]:
         return {"rcnn": self.representation_size}
-
-    def align_drop_keys(self, options: AlignOptions = DEFAULT_ALIGN_OPTIONS) -> list[str]:
-        return ["roi_heads.box_predictor."]

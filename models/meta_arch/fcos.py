@@ -18,13 +18,13 @@ from models.layers.tv_detection import (
     FCOSHead,
     FCOSRegressionHead,
 )
-from models.matching.assigners import FCOSAssigner
+from models.matching.assigners import BACKGROUND, FCOSAssigner
 from models.matching.priors import StridePointGenerator, TorchvisionAnchors
 from models.meta_arch.fpn_common import (
     DenseFPNDetectorMixin,
     group_norm,
 )
-from models.pretrain.align_outputs import DEFAULT_ALIGN_OPTIONS, AlignOptions, AlignOutputs
+from models.pretrain.align_outputs import DEFAULT_ALIGN_OPTIONS, AlignOptions, AlignOutputs, with_background
 
 
 class ConfigurableNormFCOSHead(FCOSHead):
@@ -79,6 +79,7 @@ class FCOSDetector(DenseFPNDetectorMixin, FCOS):
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
         size_divisibility: int,
+        align_drop_keys: Sequence[str],
     ) -> None:
         strides = pyramid_strides(backbone, self.NUM_EXTRA_LEVELS)
         head = ConfigurableNormFCOSHead(
@@ -104,6 +105,7 @@ class FCOSDetector(DenseFPNDetectorMixin, FCOS):
         self._add_pyramid_and_transform(
             "fcos", backbone, fpn_channels, loss_weights, pixel_mean, pixel_std, size_divisibility
         )
+        self.transfer_drop_keys = list(align_drop_keys)
 
     def match(
         self, anchors: list[Tensor], targets: list[dict[str, Tensor]], num_anchors_per_level: list[int]
@@ -139,10 +141,12 @@ class FCOSDetector(DenseFPNDetectorMixin, FCOS):
         options: AlignOptions = DEFAULT_ALIGN_OPTIONS,
     ) -> AlignOutputs:
         """Branch "fcos": the classification tower's output at every point `match` assigns to a proposal (the
-        input of the classifier the projector replaces). Losses: GIoU box regression and centerness on those
-        points, as in training (no classification loss)."""
+        input of the classifier the projector replaces), then up to `options.max_background` background points.
+        Losses: GIoU box regression and centerness on the assigned points, as in training (no classification
+        loss)."""
         batch = self.align_batch(images, targets)
-        positive = torch.stack(batch.matched) >= 0  # [B, P]
+        matched = torch.stack(batch.matched)  # [B, P]
+        positive = matched >= 0
         losses = {}
         if with_losses:
             bbox_regression, bbox_ctrness = self.head.regression_head(batch.features)
@@ -151,7 +155,10 @@ class FCOSDetector(DenseFPNDetectorMixin, FCOS):
             losses = self._weighted(
                 self._box_losses(bbox_regression[positive], bbox_ctrness[positive, 0], points, matched_boxes)
             )
-        return AlignOutputs(features={"fcos": batch.tower[positive]}, ids={"fcos": batch.ids[positive]}, losses=losses)
+        features, ids = with_background(
+            batch.tower[positive], batch.ids[positive], batch.tower[matched == BACKGROUND], options.max_background
+        )
+        return AlignOutputs(features={"fcos": features}, ids={"fcos": ids}, losses=losses)
 
     def _box_losses(self, regression: Tensor, ctrness: Tensor, points: Tensor, boxes: Tensor) -> dict[str, Tensor]:
         """The box half of torchvision's FCOSHead.compute_loss on positives only: GIoU of the decoded boxes and
@@ -169,10 +176,3 @@ class FCOSDetector(DenseFPNDetectorMixin, FCOS):
 
     def align_feature_dims(self) -> dict[str, int]:
         return {"fcos": self.fpn_channels}
-
-    def align_drop_keys(self, options: AlignOptions = DEFAULT_ALIGN_OPTIONS) -> list[str]:
-        return [
-            "head.classification_head.cls_logits",
-            "head.regression_head.bbox_reg",
-            "head.regression_head.bbox_ctrness",
-        ]

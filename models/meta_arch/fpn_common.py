@@ -35,6 +35,7 @@ from models.layers.tv_detection import (
     ImageList,
     LastLevelP6P7,
 )
+from models.pretrain.align_outputs import DEFAULT_ALIGN_OPTIONS, AlignOptions
 
 
 class NoResizeTransform(GeneralizedRCNNTransform):
@@ -92,10 +93,16 @@ def check_loss_weights(loss_weights: Mapping[str, float], names: Sequence[str]) 
 
 class FPNDetectorMixin:
     """Preprocessing, features and loss naming shared by the three detectors (which set `kind`, `backbone`,
-    `neck`, `transform`, `loss_weights` and `label_offset`)."""
+    `neck`, `transform`, `loss_weights`, `label_offset` and `transfer_drop_keys`)."""
 
     kind: str
     label_offset: int
+    transfer_drop_keys: list[str]
+
+    def align_drop_keys(self, options: AlignOptions = DEFAULT_ALIGN_OPTIONS) -> list[str]:
+        """State-dict key patterns (`stages.engine.checkpoint.drop_matches`) a box-pretrained checkpoint leaves out
+        of fine-tuning: the model config's `align_drop_keys` (classifiers and last box-regression layers)."""
+        return list(self.transfer_drop_keys)
 
     def _prepare(
         self, images: list[Tensor], targets: list[dict[str, Tensor]] | None

@@ -11,14 +11,14 @@ from torchvision.ops import box_iou
 from models.errors import ModelConfigError
 from models.layers.backbone import ResNetBackbone, pyramid_strides
 from models.layers.tv_detection import RetinaNet, RetinaNetHead
-from models.matching.assigners import MaxIoUAssigner
+from models.matching.assigners import BACKGROUND, MaxIoUAssigner
 from models.matching.priors import StrideAnchorGenerator, TorchvisionAnchors
 from models.meta_arch.fpn_common import (
     DenseFPNDetectorMixin,
     check_levels,
     group_norm,
 )
-from models.pretrain.align_outputs import DEFAULT_ALIGN_OPTIONS, AlignOptions, AlignOutputs
+from models.pretrain.align_outputs import DEFAULT_ALIGN_OPTIONS, AlignOptions, AlignOutputs, with_background
 
 BOX_LOSS_TYPES = ("l1", "smooth_l1", "giou", "ciou", "diou")
 
@@ -66,6 +66,7 @@ class RetinaNetDetector(DenseFPNDetectorMixin, RetinaNet):
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
         size_divisibility: int,
+        align_drop_keys: Sequence[str],
     ) -> None:
         strides = pyramid_strides(backbone, self.NUM_EXTRA_LEVELS)
         check_levels("anchor_sizes", anchor_sizes, len(strides))
@@ -96,6 +97,7 @@ class RetinaNetDetector(DenseFPNDetectorMixin, RetinaNet):
         self._add_pyramid_and_transform(
             "retinanet", backbone, fpn_channels, loss_weights, pixel_mean, pixel_std, size_divisibility
         )
+        self.transfer_drop_keys = list(align_drop_keys)
         self.num_anchors = num_anchors
 
     def match(
@@ -128,10 +130,13 @@ class RetinaNetDetector(DenseFPNDetectorMixin, RetinaNet):
         """Branch "retinanet": the classification tower's output at each location holding an anchor that `match`
         makes positive, one row per (location, proposal id) pair: the reference gives each of the A anchors its
         own embedding from a per-anchor classifier, here the A anchors of a location share the tower feature the
-        projector sees. Loss: the configured box regression loss on the positive anchors."""
+        projector sees. Then up to `options.max_background` background locations: those with a background anchor
+        and no positive one (a location's shared feature cannot be both). Loss: the configured box regression
+        loss on the positive anchors."""
         batch = self.align_batch(images, targets)
         num_locations = batch.tower.shape[1]
-        image_index, anchor_index = torch.nonzero(torch.stack(batch.matched) >= 0, as_tuple=True)
+        matched = torch.stack(batch.matched)  # [B, L * A], anchors of a location consecutive
+        image_index, anchor_index = torch.nonzero(matched >= 0, as_tuple=True)
         location = image_index * num_locations + anchor_index // self.num_anchors
         # Sorted unique (location, id) pairs: still image-major, one row per location and proposal.
         pairs = torch.unique(torch.stack([location, batch.ids[image_index, anchor_index]], dim=1), dim=0)
@@ -141,11 +146,12 @@ class RetinaNetDetector(DenseFPNDetectorMixin, RetinaNet):
             outputs = {"bbox_regression": bbox_regression}
             loss = self.head.regression_head.compute_loss(batch.tv_targets, outputs, batch.anchors, batch.matched)
             losses = self._weighted({"bbox_regression": loss})
-        features = batch.tower.flatten(0, 1)[pairs[:, 0]]
-        return AlignOutputs(features={"retinanet": features}, ids={"retinanet": pairs[:, 1]}, losses=losses)
+        per_location = matched.view(matched.shape[0], num_locations, self.num_anchors)
+        background = (per_location == BACKGROUND).any(dim=2) & ~(per_location >= 0).any(dim=2)  # [B, L]
+        features, ids = with_background(
+            batch.tower.flatten(0, 1)[pairs[:, 0]], pairs[:, 1], batch.tower[background], options.max_background
+        )
+        return AlignOutputs(features={"retinanet": features}, ids={"retinanet": ids}, losses=losses)
 
     def align_feature_dims(self) -> dict[str, int]:
         return {"retinanet": self.fpn_channels}
-
-    def align_drop_keys(self, options: AlignOptions = DEFAULT_ALIGN_OPTIONS) -> list[str]:
-        return ["head.classification_head.cls_logits", "head.regression_head.bbox_reg"]

@@ -10,7 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
+
+# The id of a background sample (an unmatched query, a background prior): a negative of every proposal, never a
+# query or a positive.
+BACKGROUND_ID = -1
 
 
 @dataclass
@@ -18,9 +23,11 @@ class AlignOutputs:
     """One view's box-domain outputs.
 
     features: branch name (e.g. "detr", "aux0_atss", "fcos", "rcnn") -> [N_b, C_b] features of the predictions
-        (queries, anchors, points or RoIs) that the branch's assigner matched to a proposal; positives only.
+        (queries, anchors, points or RoIs) that the branch's assigner matched to a proposal, then, where the
+        branch has them and `AlignOptions.max_background` allows, background samples (`with_background`).
     ids: branch name -> [N_b] int64 proposal id of each feature row (ids are unique across the batch and equal
-        for the same region in both views). Rows of `features[b]` and `ids[b]` correspond one to one.
+        for the same region in both views; `BACKGROUND_ID` for a background sample). Rows of `features[b]` and
+        `ids[b]` correspond one to one.
     losses: weighted box regression losses against the proposals, prefixed keys (`detr/loss_bbox`, ...);
         empty when the caller asked for no losses (the momentum view).
     """
@@ -51,14 +58,31 @@ class AlignOptions:
     all_layers: label the matched queries of every decoder layer (the reference) or only the last.
     objectness: also train the decoder class heads to score proposals as objects, and keep them for
         fine-tuning (see DeformableDETR).
+    max_background: background samples per view added to a branch's rows as negatives of every proposal, drawn
+        at random when there are more: the unmatched queries of the labelled decoder layers (DETR), background
+        points (FCOS) and anchor locations (RetinaNet), as the reference; 0 = the other proposals alone.
     """
 
     all_layers: bool = True
     objectness: bool = False
+    max_background: int = 0
 
 
-# The options a detector uses when called without any: the reference's (every decoder layer labelled, no objectness).
+# The options a detector uses when called without any: every decoder layer labelled as the reference, no
+# objectness, no background samples (the box_pretrain stage sets the reference's).
 DEFAULT_ALIGN_OPTIONS = AlignOptions()
+
+
+def with_background(features: Tensor, ids: Tensor, background: Tensor, max_background: int) -> tuple[Tensor, Tensor]:
+    """A branch's positive rows followed by at most `max_background` of the `background` rows ([M, C], drawn
+    without replacement from the global torch RNG when M is larger), the latter with id `BACKGROUND_ID`."""
+    if max_background < 0:
+        raise ValueError(f"with_background: max_background {max_background}; expected >= 0")
+    if background.shape[0] > max_background:
+        pick = torch.randperm(background.shape[0])[:max_background].to(background.device)
+        background = background[pick]
+    background_ids = torch.full((background.shape[0],), BACKGROUND_ID, dtype=ids.dtype, device=ids.device)
+    return torch.cat([features, background.to(features.dtype)]), torch.cat([ids, background_ids])
 
 
 @runtime_checkable

@@ -4,7 +4,8 @@ An online detector sees view 1 of each image, an EMA (momentum) copy sees view 2
 branch's own assigner decides which predictions belong to which selective-search proposal (`AlignOutputs`), a
 projection MLP per branch takes the place of that branch's classifier, and a box-domain InfoNCE pulls the online
 embeddings of a proposal towards the momentum embeddings of the same proposal in the other view, away from every
-other proposal of the batch. The detector's own box regression losses against the view-1 proposals are added.
+other proposal of the batch and from background samples (unmatched queries, background points and anchors). The
+detector's own box regression losses against the view-1 proposals are added.
 Only the online detector goes on to fine-tuning.
 """
 
@@ -18,20 +19,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.pretrain.align_outputs import AlignableDetector, AlignOptions, AlignOutputs
+from models.pretrain.align_outputs import BACKGROUND_ID, AlignableDetector, AlignOptions, AlignOutputs
 
 
 def box_contrastive_loss(q_feats: Tensor, q_ids: Tensor, k_feats: Tensor, k_ids: Tensor, temperature: float) -> Tensor:
     """AlignDet's box-domain contrastive loss (its `ContrastiveLoss` with the per-id loop of the heads).
 
-    For each id l present in the online samples: queries Q = online embeddings with id l, keys K = momentum
+    For each id l >= 0 present in the online samples: queries Q = online embeddings with id l, keys K = momentum
     embeddings with id l (K = Q when the momentum view has none), negatives N = every online and momentum
-    embedding with an id other than l, detached. All are L2-normalised. With s(a, b) = a.b / temperature, each
-    pair (q, k) in Q x K costs -log(exp(s(q,k)) / (exp(s(q,k)) + sum_{n in N} exp(s(q,n)))); the loss of id l is
+    embedding with an id other than l, detached: the other proposals' and the background samples (id
+    `BACKGROUND_ID`: unmatched queries, background priors), which are negatives only. All are L2-normalised.
+    With s(a, b) = a.b / temperature, each pair (q, k) in Q x K costs -log(exp(s(q,k)) / (exp(s(q,k)) + sum_{n in N} exp(s(q,n)))); the loss of id l is
     the mean over its |Q||K| pairs, and the result the mean over the ids. Vectorised with masks, no loop over ids.
 
     q_feats [Nq, C], q_ids int64 [Nq] (online); k_feats [Nk, C], k_ids int64 [Nk] (momentum; Nk may be 0).
-    Returns a scalar; 0 (still connected to q_feats' graph) when Nq = 0.
+    Returns a scalar; 0 (still connected to q_feats' graph) when no online row has a proposal id.
     """
     if q_feats.shape[0] != q_ids.shape[0] or k_feats.shape[0] != k_ids.shape[0]:
         raise ValueError(
@@ -40,16 +42,21 @@ def box_contrastive_loss(q_feats: Tensor, q_ids: Tensor, k_feats: Tensor, k_ids:
         )
     if temperature <= 0:
         raise ValueError(f"box_contrastive_loss: temperature {temperature}; expected > 0")
-    if q_feats.shape[0] == 0:
-        return q_feats.sum() * 0.0
-    q = F.normalize(q_feats.float(), dim=1)
-    k = F.normalize(k_feats.float(), dim=1)
-    q_ids, k_ids = q_ids.to(q.device), k_ids.to(q.device)
-
-    # Negatives: every sample of both views whose id differs from the query's, detached.
-    everyone = torch.cat([q, k]).detach()
+    device = q_feats.device
+    q_ids, k_ids = q_ids.to(device), k_ids.to(device)
+    # Both views' samples, L2-normalised; background rows only ever serve as negatives.
+    everyone = F.normalize(torch.cat([q_feats, k_feats.to(device)]).float(), dim=1)
     everyone_ids = torch.cat([q_ids, k_ids])
-    neg_logits = (q @ everyone.T / temperature).masked_fill(q_ids[:, None] == everyone_ids[None, :], float("-inf"))
+    is_query, is_key = q_ids != BACKGROUND_ID, k_ids != BACKGROUND_ID
+    if not bool(is_query.any()):
+        return q_feats.sum() * 0.0
+    q, q_ids = everyone[: len(is_query)][is_query], q_ids[is_query]
+    k, k_ids = everyone[len(is_query) :][is_key], k_ids[is_key]
+
+    # Negatives: every sample of both views whose id differs from the query's, background included, detached.
+    neg_logits = (q @ everyone.detach().T / temperature).masked_fill(
+        q_ids[:, None] == everyone_ids[None, :], float("-inf")
+    )
     neg_lse = torch.logsumexp(neg_logits, dim=1)  # [Nq]; -inf when a query has no negative
 
     # Positives: the momentum samples of the query's id, or (no such sample) the online ones, undetached.
@@ -125,8 +132,9 @@ class AlignDet(nn.Module):
         contrastive_weight: weight of each branch's contrastive loss.
         freeze_backbone: keep the image-domain backbone (`image_domain_backbone`) as it is: no gradients and
             BatchNorm in eval mode (the reference runs it under no_grad with norm_eval).
-        detr_all_layers, detr_objectness: the DETR family's `AlignOptions` (`all_layers`, `objectness`), handed
-            to the detector with every call.
+        max_background: background samples per view in each branch's negatives (`AlignOptions.max_background`).
+        detr_all_layers, detr_objectness: the DETR family's `AlignOptions` (`all_layers`, `objectness`).
+        The options are handed to the detector with every call.
 
     forward(images1, targets1, images2, targets2) -> losses: the online detector's box losses on view 1 plus
     `align/loss_contrastive_<branch>` per branch. `update_momentum(progress)` after each optimiser step.
@@ -142,6 +150,7 @@ class AlignDet(nn.Module):
         base_momentum: float,
         contrastive_weight: float,
         freeze_backbone: bool,
+        max_background: int,
         detr_all_layers: bool = True,
         detr_objectness: bool = False,
     ) -> None:
@@ -159,7 +168,11 @@ class AlignDet(nn.Module):
         self.base_momentum = float(base_momentum)
         self.contrastive_weight = float(contrastive_weight)
         self.freeze_backbone = bool(freeze_backbone)
-        self.options = AlignOptions(all_layers=bool(detr_all_layers), objectness=bool(detr_objectness))
+        if max_background < 0:
+            raise ValueError(f"AlignDet: max_background {max_background}; expected >= 0")
+        self.options = AlignOptions(
+            all_layers=bool(detr_all_layers), objectness=bool(detr_objectness), max_background=int(max_background)
+        )
         self.feature_dims = dict(detector.align_feature_dims())
         self.projectors = nn.ModuleDict(
             {

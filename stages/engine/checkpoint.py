@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import pickle
 from collections.abc import Iterable
@@ -136,6 +137,8 @@ class LoadReport:
     skipped_name: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)
     fresh: dict[str, int] = field(default_factory=dict)
+    # The patterns (`drop_matches`) whose tensors were left out: the caller's and the checkpoint's "drop_keys".
+    drop_patterns: list[str] = field(default_factory=list)
 
     @property
     def num_loaded(self) -> int:
@@ -150,6 +153,7 @@ class LoadReport:
             "skipped_name": self.skipped_name,
             "dropped": self.dropped,
             "fresh": self.fresh,
+            "drop_patterns": self.drop_patterns,
         }
 
     def table(self) -> str:
@@ -165,6 +169,8 @@ class LoadReport:
                 f"{m:<24}{self.loaded.get(m, 0):>8}{self.skipped_shape.get(m, 0):>8}"
                 f"{self.skipped_name.get(m, 0):>8}{self.dropped.get(m, 0):>9}{self.fresh.get(m, 0):>8}"
             )
+        if self.drop_patterns:
+            lines.append(f"dropped by: {', '.join(self.drop_patterns)}")
         return "\n".join(lines)
 
 
@@ -172,16 +178,25 @@ def _count(counter: dict[str, int], key: str) -> None:
     counter[module_of(key)] = counter.get(module_of(key), 0) + 1
 
 
+def drop_matches(key: str, pattern: str) -> bool:
+    """Whether a drop pattern selects a state-dict key: the pattern occurs in the key starting at a module name
+    (the key's start or after a "."), where `*` matches any run of characters. "class_embed." drops every decoder
+    layer's classifier but not "enc_class_embed.weight"; "bbox_embed.*.6." the last Linear of every layer's box
+    MLP; "tower.cls_pred." that of "aux_heads.0.tower.cls_pred.bias"."""
+    return fnmatch.fnmatchcase(key, f"{pattern}*") or fnmatch.fnmatchcase(key, f"*.{pattern}*")
+
+
 def load_state_into(
     model: nn.Module, state: dict[str, torch.Tensor], source: str, drop: Iterable[str] = ()
 ) -> LoadReport:
-    """Copy every tensor whose name and shape fit; report the rest. Keys containing a `drop` substring are left out."""
-    report = LoadReport(source=source)
+    """Copy every tensor whose name and shape fit; report the rest. Keys a `drop` pattern matches (`drop_matches`)
+    are left out."""
+    drop = list(dict.fromkeys(drop))
+    report = LoadReport(source=source, drop_patterns=drop)
     target = model.state_dict()
-    drop = tuple(drop)
     usable = {}
     for key, value in state.items():
-        if any(d in key for d in drop):
+        if any(drop_matches(key, d) for d in drop):
             _count(report.dropped, key)
         elif key not in target:
             _count(report.skipped_name, key)
@@ -198,8 +213,8 @@ def load_state_into(
 
 
 def load_into(model: nn.Module, path_or_dir: str | Path, drop: Iterable[str] = (), min_loaded: int = 1) -> LoadReport:
-    """Load `init_from` weights into `model`, leaving out keys with a `drop` substring or one the checkpoint lists
-    under "drop_keys"; a checkpoint that fits nothing gives a UserError."""
+    """Load `init_from` weights into `model`, leaving out keys a `drop` pattern matches or one the checkpoint lists
+    under "drop_keys" (`drop_matches`); a checkpoint that fits nothing gives a UserError."""
     path = resolve_checkpoint(path_or_dir)
     payload = read_checkpoint(path)
     # A pre-training stage lists what must not go on (projectors, pseudo-classifiers) as "drop_keys".

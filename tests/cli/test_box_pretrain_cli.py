@@ -73,14 +73,20 @@ def test_box_pretrained_checkpoint_loads_neck_transformer_and_heads_but_not_clas
     state = target.state_dict()
     report = load_into(target, run_dir / "box_pretrain")
     count = {m: sum(1 for k in state if k.split(".", 1)[0] == m) for m in {k.split(".", 1)[0] for k in state}}
-    for module in ("backbone", "neck", "transformer", "bbox_embed", "query_embed"):
+    for module in ("backbone", "neck", "transformer", "query_embed"):
         assert report.loaded.get(module) == count[module], module
     assert report.dropped["class_embed"] == count["class_embed"]
     assert report.fresh.get("class_embed") == count["class_embed"]
+    # The last Linear (weight, bias) of every decoder layer's box MLP starts afresh, the rest of the MLP goes on.
+    num_layers = len(target.bbox_embed)
+    assert report.dropped["bbox_embed"] == report.fresh["bbox_embed"] == 2 * num_layers
+    assert report.loaded["bbox_embed"] == count["bbox_embed"] - 2 * num_layers
+    assert "class_embed." in report.drop_patterns and "bbox_embed.*.6." in report.drop_patterns
+    assert "dropped by: " in report.table()
     assert not report.skipped_shape and not report.skipped_name
     if model == "co_deformable_detr":
         # Auxiliary heads: everything but their classifiers.
         assert 0 < report.loaded["aux_heads"] < count["aux_heads"]
         assert report.fresh["aux_heads"] == report.dropped["aux_heads"]
         assert report.loaded["adapter"] == count["adapter"]
-    assert set(report.fresh) <= {"class_embed", "aux_heads"}
+    assert set(report.fresh) <= {"class_embed", "bbox_embed", "aux_heads"}

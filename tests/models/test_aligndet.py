@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.pretrain.align_outputs import AlignOptions, AlignOutputs
+from models.pretrain.align_outputs import BACKGROUND_ID, AlignOptions, AlignOutputs, with_background
 from models.pretrain.aligndet import AlignDet, box_contrastive_loss, momentum_at
+from stages.engine.checkpoint import drop_matches
 from tests.helpers import compose_config
 from tests.helpers.tiny_detr import tiny_detr, two_tiny_images
 
@@ -30,6 +31,7 @@ def wrap(detector: torch.nn.Module, freeze_backbone: bool = True) -> AlignDet:
         base_momentum=0.996,
         contrastive_weight=1.0,
         freeze_backbone=freeze_backbone,
+        max_background=0,
     )
 
 
@@ -99,6 +101,37 @@ def test_box_contrastive_loss_sends_no_gradient_through_negatives():
     (grad1,) = torch.autograd.grad(alone, q1)
     assert grad[1].abs().sum() > 0
     assert torch.allclose(grad[1], 0.5 * grad1[0], atol=1e-6)
+
+
+def test_a_background_sample_joins_every_proposals_denominator_and_nothing_else():
+    # One proposal (id 0) seen in both views, another proposal (id 1) online only; then background rows in each view.
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    k = torch.tensor([[0.8, 0.6]])
+    q_ids, k_ids = torch.tensor([0, 1]), torch.tensor([0])
+    before = box_contrastive_loss(q, q_ids, k, k_ids, temperature=0.5)
+    # id 0: positive q0.k0 = 0.8 -> 1.6, negative q0.q1 = 0 -> 0; id 1: positive q1.q1 = 1 -> 2, negatives
+    # q1.q0 = 0 -> 0 and q1.k0 = 0.6 -> 1.2.
+    loss0 = -math.log(math.exp(1.6) / (math.exp(1.6) + 1.0))
+    loss1 = -math.log(math.exp(2.0) / (math.exp(2.0) + 1.0 + math.exp(1.2)))
+    assert float(before) == pytest.approx((loss0 + loss1) / 2, rel=1e-6)
+    # A background row b = (-0.6, 0.8) in the online view and b' = (0.6, -0.8) in the momentum view: each adds
+    # exp(q.b / 0.5) to both ids' denominators; neither is a query, so the mean stays over ids 0 and 1.
+    b, b2 = torch.tensor([[-0.6, 0.8]]), torch.tensor([[0.6, -0.8]])
+    after = box_contrastive_loss(
+        torch.cat([q, b]),
+        torch.tensor([0, 1, BACKGROUND_ID]),
+        torch.cat([k, b2]),
+        torch.tensor([0, BACKGROUND_ID]),
+        0.5,
+    )
+    extra0 = math.exp(-1.2) + math.exp(1.2)  # q0.b = -0.6, q0.b' = 0.6
+    extra1 = math.exp(1.6) + math.exp(-1.6)  # q1.b = 0.8, q1.b' = -0.8
+    loss0 = -math.log(math.exp(1.6) / (math.exp(1.6) + 1.0 + extra0))
+    loss1 = -math.log(math.exp(2.0) / (math.exp(2.0) + 1.0 + math.exp(1.2) + extra1))
+    assert float(after) == pytest.approx((loss0 + loss1) / 2, rel=1e-6)
+    assert float(after) > float(before)
+    only_background = box_contrastive_loss(b.requires_grad_(), torch.tensor([BACKGROUND_ID]), k, k_ids, 0.5)
+    assert float(only_background.detach()) == 0.0 and only_background.requires_grad
 
 
 def test_box_contrastive_loss_without_online_samples_is_zero_and_connected():
@@ -208,6 +241,65 @@ def test_detr_align_rows_follow_images_in_batch_order():
             assert torch.allclose(both.features["detr"][match[layer_of_row]], alone[i].features["detr"][row], atol=1e-4)
 
 
+def test_detr_background_rows_are_the_unmatched_queries_of_every_labelled_layer_up_to_the_cap():
+    model = tiny_detr()
+    images, targets = two_tiny_images()
+    proposals = proposal_targets([t["boxes"] for t in targets])
+    num_layers, num_queries = model.transformer.num_decoder_layers, model.num_queries
+    with torch.no_grad():
+        plain = model.align_outputs(images, proposals, False, AlignOptions())
+        torch.manual_seed(0)
+        full = model.align_outputs(images, proposals, False, AlignOptions(max_background=10_000))
+        capped = model.align_outputs(images, proposals, False, AlignOptions(max_background=7))
+        last = model.align_outputs(images, proposals, False, AlignOptions(all_layers=False, max_background=10_000))
+    assert (plain.ids["detr"] != BACKGROUND_ID).all()
+    matched = len(plain.ids["detr"])  # 3 proposals x every layer
+    ids = full.ids["detr"]
+    assert torch.equal(ids[:matched], plain.ids["detr"])
+    assert torch.equal(full.features["detr"][:matched], plain.features["detr"])
+    assert (ids[matched:] == BACKGROUND_ID).all() and len(ids) == num_layers * 2 * num_queries
+    # Unmatched queries only: no background row equals a matched row's hidden state.
+    assert torch.cdist(full.features["detr"][matched:], plain.features["detr"]).min() > 0
+    assert int((capped.ids["detr"] == BACKGROUND_ID).sum()) == 7
+    assert int((last.ids["detr"] == BACKGROUND_ID).sum()) == 2 * num_queries - 3
+
+
+def test_with_background_draws_a_random_subset_from_the_global_rng():
+    feats, ids = torch.zeros(2, 3), torch.tensor([4, 5])
+    background = torch.arange(30.0).view(10, 3)
+    torch.manual_seed(1)
+    f1, i1 = with_background(feats, ids, background, 4)
+    torch.manual_seed(1)
+    f2, _ = with_background(feats, ids, background, 4)
+    assert torch.equal(f1, f2) and i1.tolist() == [4, 5, -1, -1, -1, -1]
+    assert len({tuple(r) for r in f1[2:].tolist()}) == 4 and all(r[0] % 3 == 0 for r in f1[2:].tolist())
+    f_all, _ = with_background(feats, ids, background, 100)
+    assert torch.equal(f_all[2:], background)
+    with pytest.raises(ValueError, match="max_background -1"):
+        with_background(feats, ids, background, -1)
+
+
+def test_aligndet_hands_its_background_cap_to_the_detector():
+    detector = tiny_detr()
+    images, targets = two_tiny_images()
+    proposals = proposal_targets([t["boxes"] for t in targets])
+    for cap in (0, 5):
+        model = AlignDet(
+            detector,
+            projector_hidden_dim=None,
+            projector_out_dim=16,
+            temperature=0.5,
+            base_momentum=0.996,
+            contrastive_weight=1.0,
+            freeze_backbone=False,
+            max_background=cap,
+        )
+        assert model.options.max_background == cap
+        with torch.no_grad():
+            out = model.align_outputs(model.detector, images, proposals, with_losses=False)
+        assert int((out.ids["detr"] == BACKGROUND_ID).sum()) == cap
+
+
 def test_detr_align_last_layer_only_labels_one_query_per_proposal():
     model = tiny_detr()
     images, targets = two_tiny_images()
@@ -219,13 +311,19 @@ def test_detr_align_last_layer_only_labels_one_query_per_proposal():
     assert set(out.losses) == {"detr/loss_bbox", "detr/loss_giou", "detr/loss_bbox_d0", "detr/loss_giou_d0"}
 
 
-def test_detr_drop_keys_name_the_class_heads_only():
+def test_detr_drop_keys_name_the_class_heads_and_the_last_box_layers_as_the_reference():
     model = tiny_detr()
     keys = model.align_drop_keys()
     state = model.state_dict()
-    dropped = [k for k in state if any(d in k for d in keys)]
-    assert dropped and all(k.startswith("class_embed.") for k in dropped)
-    assert len(dropped) == sum(1 for k in state if k.startswith("class_embed."))
+    dropped = {k for k in state if any(drop_matches(k, d) for d in keys)}
+    class_heads = {k for k in state if k.startswith("class_embed.")}
+    last_box_layers = {
+        f"bbox_embed.{layer}.{linear}.{p}"
+        for layer in range(len(model.bbox_embed))
+        for linear in [max(int(k.split(".")[2]) for k in state if k.startswith(f"bbox_embed.{layer}."))]
+        for p in ("weight", "bias")
+    }
+    assert dropped == class_heads | last_box_layers
     assert model.align_feature_dims() == {"detr": model.transformer.d_model}
 
 
@@ -252,7 +350,8 @@ def test_detr_objectness_trains_every_class_logit_on_the_matched_queries_and_kee
         assert torch.allclose(permuted.losses[name], out.losses[name], rtol=1e-5)
     without = model.align_outputs(images, proposals, True, AlignOptions(all_layers=False))
     assert not names & set(without.losses)
-    assert not any(k.startswith("class_embed.") for k in model.align_drop_keys(objectness))
+    kept = model.align_drop_keys(objectness)
+    assert not any(drop_matches(k, d) for k in model.state_dict() if k.startswith("class_embed.") for d in kept)
 
 
 def test_two_stage_detr_also_trains_its_class_agnostic_encoder_proposals():
@@ -260,7 +359,8 @@ def test_two_stage_detr_also_trains_its_class_agnostic_encoder_proposals():
     images, targets = two_tiny_images()
     out = model.align_outputs(images, proposal_targets([t["boxes"] for t in targets]), True)
     assert {"detr/loss_cls_enc", "detr/loss_bbox_enc", "detr/loss_giou_enc"} <= set(out.losses)
-    assert not any("enc_class_embed" in d for d in model.align_drop_keys())
+    drops = model.align_drop_keys()
+    assert not any(drop_matches(k, d) for k in model.state_dict() if k.startswith("enc_") for d in drops)
 
 
 def test_co_detr_aux_branches_carry_proposal_ids_image_by_image():
@@ -288,7 +388,7 @@ def test_co_detr_aux_branches_carry_proposal_ids_image_by_image():
         assert f"{name}/loss_cls" not in out.losses
         assert f"{name}/loss_bbox" in out.losses
     keys = model.align_drop_keys()
-    assert "aux_heads.0.tower.cls_pred." in keys and "aux_heads.1.box_predictor." in keys
+    assert {"aux_heads.0.tower.cls_pred.", "aux_heads.0.tower.reg_pred.", "aux_heads.1.box_predictor."} <= set(keys)
 
 
 # ---- the frozen backbone ----

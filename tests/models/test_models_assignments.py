@@ -16,6 +16,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from models.pretrain.align_outputs import BACKGROUND_ID
 from stages.box_pretrain import build_aligndet
 from stages.build import build_model
 from tests.helpers import ROOT, compose_config
@@ -134,10 +135,12 @@ def align_ids(model_name: str) -> dict[str, list[int]]:
     torch.manual_seed(3)
     with torch.no_grad():
         out = wrapper.align_outputs(wrapper.detector, images, proposals, with_losses=False)
-    # The DETR-like branches row by row; the auxiliary heads (pinned above on their own) as rows per id.
+    # The assigned rows (background samples, added after the restructuring, follow them): the DETR-like branches
+    # row by row; the auxiliary heads (pinned above on their own) as rows per id.
+    assigned = {branch: ids[ids != BACKGROUND_ID] for branch, ids in sorted(out.ids.items())}
     return {
         branch: ids.tolist() if not branch.startswith("aux") else torch.bincount(ids, minlength=offset).tolist()
-        for branch, ids in sorted(out.ids.items())
+        for branch, ids in assigned.items()
     }
 
 

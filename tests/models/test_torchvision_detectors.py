@@ -11,9 +11,11 @@ from torchvision.models.detection import FCOS, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 
+from models.matching.assigners import BACKGROUND
 from models.matching.priors import StrideAnchorGenerator, TorchvisionAnchors
-from models.pretrain.align_outputs import AlignableDetector, AlignOutputs
+from models.pretrain.align_outputs import BACKGROUND_ID, AlignableDetector, AlignOptions, AlignOutputs
 from stages.build import build_model
+from stages.engine.checkpoint import drop_matches
 from stages.errors import UserError
 from stages.report import find_job_dirs
 from tests.helpers import compose_config, run_cli
@@ -234,15 +236,46 @@ def test_align_outputs_of_a_batch_are_each_images_outputs_in_image_order(kind):
             torch.testing.assert_close(batch.features[branch][part], single.features[branch], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["fcos", "retinanet"])
+def test_dense_align_background_rows_are_unassigned_locations_up_to_the_cap(kind):
+    model = build(kind).train()
+    images, targets = two_images()
+    proposals = proposal_targets(targets)
+    with torch.no_grad():
+        plain = model.align_outputs(images, proposals, False)
+        full = model.align_outputs(images, proposals, False, AlignOptions(max_background=10**6))
+        capped = model.align_outputs(images, proposals, False, AlignOptions(max_background=5))
+        batch = model.align_batch(images, proposals)
+    matched = torch.stack(batch.matched)
+    if kind == "fcos":
+        expected = int((matched == BACKGROUND).sum())
+    else:  # locations with a background anchor and no positive one
+        per_location = matched.view(matched.shape[0], -1, model.num_anchors)
+        expected = int(((per_location == BACKGROUND).any(2) & ~(per_location >= 0).any(2)).sum())
+    ids = full.ids[kind]
+    num_assigned = len(plain.ids[kind])
+    assert torch.equal(ids[:num_assigned], plain.ids[kind]) and (plain.ids[kind] >= 0).all()
+    assert 0 < expected == int((ids == BACKGROUND_ID).sum()) == len(ids) - num_assigned
+    assert int((capped.ids[kind] == BACKGROUND_ID).sum()) == 5
+
+
+def test_faster_rcnn_align_rows_stay_positive_rois_as_the_reference():
+    model = build("faster_rcnn").train()
+    images, targets = two_images()
+    torch.manual_seed(0)
+    out = model.align_outputs(images, proposal_targets(targets), False, AlignOptions(max_background=2048))
+    assert (out.ids["rcnn"] >= 0).all()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_align_drop_keys_name_only_final_classifier_and_regressor_layers(kind):
     model = build(kind)
     keys = list(model.state_dict())
     for drop in model.align_drop_keys():
-        hits = [k for k in keys if drop in k]
+        hits = [k for k in keys if drop_matches(k, drop)]
         assert hits, drop
         assert not any(k.startswith(("backbone.", "neck.", "rpn.")) for k in hits), hits
-    dropped = [k for k in keys if any(d in k for d in model.align_drop_keys())]
+    dropped = [k for k in keys if any(drop_matches(k, d) for d in model.align_drop_keys())]
     assert any("cls_logits" in k or "cls_score" in k for k in dropped)
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from stages.context import StageContext
-from stages.engine.checkpoint import LAST_NAME, load_into, save_checkpoint
+from stages.engine.checkpoint import LAST_NAME, drop_matches, load_into, save_checkpoint
 from stages.engine.coco_eval import evaluate_coco
 from stages.engine.optim import lr_factor, param_groups
 from stages.engine.trainer import Hook, total_loss
@@ -159,6 +159,26 @@ def test_load_report_counts_loaded_shape_and_name_mismatches(tmp_path):
     assert report.loaded == {"backbone": 2, "head": 1}
     assert report.skipped_shape == {"head": 1} and report.skipped_name == {"extra": 1}
     assert report.fresh == {"head": 1}
+
+
+def test_drop_patterns_are_substrings_where_a_star_matches_any_run():
+    assert drop_matches("class_embed.2.weight", "class_embed.")
+    assert drop_matches("aux_heads.0.tower.cls_pred.bias", "tower.cls_pred.")
+    assert drop_matches("bbox_embed.5.6.weight", "bbox_embed.*.6.")
+    assert not drop_matches("bbox_embed.5.3.weight", "bbox_embed.*.6.")
+    assert not drop_matches("enc_bbox_embed.6.weight", "bbox_embed.*.6.")
+    assert not drop_matches("enc_class_embed.weight", "class_embed.")
+    assert not drop_matches("transformer.encoder.layers.6.norm.weight", "bbox_embed.*.6.")
+
+
+def test_load_report_lists_the_drop_patterns_of_the_caller_and_the_checkpoint(tmp_path):
+    state = Regressor().state_dict()
+    save_checkpoint(tmp_path / "checkpoint.pth", {"model": state, "stage": "toy", "drop_keys": ["head.*ight"]})
+    report = load_into(Regressor(), tmp_path, drop=["backbone.b"])
+    assert report.drop_patterns == ["backbone.b", "head.*ight"]
+    assert report.dropped == {"backbone": 1, "head": 1} and report.loaded == {"backbone": 1, "head": 1}
+    assert report.as_dict()["drop_patterns"] == report.drop_patterns
+    assert report.table().splitlines()[-1] == "dropped by: backbone.b, head.*ight"
 
 
 def test_checkpoint_that_fits_nothing_is_refused(tmp_path):
