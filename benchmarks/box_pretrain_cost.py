@@ -136,7 +136,7 @@ def main(argv: list[str]) -> None:
 
     torch.manual_seed(cfg.seed)
     box_detector = build_model(cfg.model, plain.num_classes)
-    proposals, _ = clamp_proposals(proposals, proposal_limit(box_detector, p_cfg.max_per_image))
+    proposals, _ = clamp_proposals(proposals, proposal_limit(box_detector, cfg.model.box_pretrain.max_proposals))
     views = build_two_view_dataset(plain, proposals, cfg.stage.views)
     box_loader = build_loader(
         views,
@@ -170,7 +170,7 @@ def main(argv: list[str]) -> None:
     print(f"| {'box_pretrain':<13} | {box:>7.3f} | {batch_size / box:>8.1f} | {box / ft:>10.2f} |")
     print(
         f"\nproposals ({len(plain)} images, mode={p_cfg.mode}, max_side={p_cfg.max_side}, "
-        f"{p_cfg.num_workers} workers, limit {proposal_limit(box_detector, p_cfg.max_per_image)} per image)"
+        f"{p_cfg.num_workers} workers, limit {proposal_limit(box_detector, cfg.model.box_pretrain.max_proposals)} per image)"
     )
     print(f"| {'run':<10} | {'seconds':>8} | {'images/s':>9} | {'boxes/image':>11} | {'skipped':>7} |")
     print(f"|{'-' * 12}|{'-' * 10}|{'-' * 11}|{'-' * 13}|{'-' * 9}|")

@@ -47,7 +47,7 @@ def two_view_forward(model: nn.Module, batch, device: torch.device) -> dict[str,
 
 def proposal_limit(detector: nn.Module, max_per_image: int | None) -> int | None:
     """Proposals kept per image: at most the detector's `num_queries` (a DETR can match no more) and at most
-    `max_per_image`; None when neither bounds it."""
+    `max_per_image` (model.box_pretrain.max_proposals); None when neither bounds it."""
     bounds = [b for b in (getattr(detector, "num_queries", None), max_per_image) if b is not None]
     return min(bounds) if bounds else None
 
@@ -90,7 +90,7 @@ def run(cfg: DictConfig) -> dict:
     dataset = build_dataset(cfg.data, "train", train=False, seed=cfg.seed, use_fraction=False)
     proposals, stats = proposals_main_first(dataset, cfg.stage.proposals)
     detector = build_model(cfg.model, dataset.num_classes)
-    limit = proposal_limit(detector, cfg.stage.proposals.max_per_image)
+    limit = proposal_limit(detector, cfg.model.box_pretrain.max_proposals)
     proposals, clamped = clamp_proposals(proposals, limit)
     if clamped:
         log.info("proposals: %d images keep their first %d proposals (the detector's queries)", clamped, limit)

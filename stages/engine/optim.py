@@ -25,15 +25,24 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, lr_mults: dic
     ]
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
 def build_optimizer(model: nn.Module, opt_cfg: DictConfig) -> torch.optim.Optimizer:
+    """`trainer.optimizer`: AdamW (lr, betas, weight_decay) or SGD with momentum (lr, momentum, weight_decay),
+    with per-name lr multipliers (`lr_mults`) and, for both, torch's fused implementation when `fused`."""
     groups = param_groups(model, opt_cfg.lr, opt_cfg.weight_decay, dict(opt_cfg.get("lr_mults", {}) or {}))
-    return torch.optim.AdamW(
-        groups,
-        lr=opt_cfg.lr,
-        betas=tuple(opt_cfg.betas),
-        weight_decay=opt_cfg.weight_decay,
-        fused=bool(opt_cfg.get("fused", False)),
-    )
+    fused = bool(opt_cfg.get("fused", False))
+    name = opt_cfg.get("name", "adamw")
+    if name == "adamw":
+        return torch.optim.AdamW(
+            groups, lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), weight_decay=opt_cfg.weight_decay, fused=fused
+        )
+    if name == "sgd":
+        return torch.optim.SGD(
+            groups, lr=opt_cfg.lr, momentum=opt_cfg.momentum, weight_decay=opt_cfg.weight_decay, fused=fused
+        )
+    raise UserError(f"trainer.optimizer.name: unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
 
 
 def lr_factor(it: int, max_iters: int, sched_cfg: DictConfig) -> float:

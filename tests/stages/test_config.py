@@ -35,3 +35,26 @@ def test_smoke_shrinks_only_sizes_and_iterations():
     assert full.data.name == smoke.data.name and full.model.name == smoke.model.name
     assert full.stage.name == smoke.stage.name
     assert smoke.model.d_model < full.model.d_model
+
+
+@pytest.mark.parametrize(
+    ("model", "optimizer", "clip", "max_proposals"),
+    [
+        ("deformable_detr", "adamw", 0.1, 50),
+        ("co_deformable_detr", "adamw", 0.1, 50),
+        ("fcos", "sgd", None, None),
+        ("retinanet", "sgd", None, 50),
+        ("faster_rcnn", "sgd", None, None),
+    ],
+)
+def test_box_pretrain_takes_its_optimiser_clipping_and_proposal_cap_from_the_model(
+    model, optimizer, clip, max_proposals
+):
+    cfg = compose_config([f"model={model}", "stage=box_pretrain"])
+    assert cfg.trainer.optimizer.name == optimizer and cfg.trainer.clip_grad_norm == clip
+    assert cfg.trainer.optimizer.lr == cfg.model.box_pretrain.optimizer.lr
+    assert cfg.model.box_pretrain.max_proposals == max_proposals
+    # The command line still wins, and fine-tuning keeps the trainer's own AdamW.
+    overridden = compose_config([f"model={model}", "stage=box_pretrain", "trainer.optimizer.lr=0.5"])
+    assert overridden.trainer.optimizer.lr == 0.5
+    assert compose_config([f"model={model}", "stage=finetune"]).trainer.optimizer.name == "adamw"

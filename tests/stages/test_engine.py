@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from stages.context import StageContext
 from stages.engine.checkpoint import LAST_NAME, drop_matches, load_into, save_checkpoint
 from stages.engine.coco_eval import evaluate_coco
-from stages.engine.optim import lr_factor, param_groups
+from stages.engine.optim import build_optimizer, lr_factor, param_groups
 from stages.engine.trainer import Hook, total_loss
 from stages.errors import UserError
 from stages.fingerprint import Fingerprint, make_fingerprint
@@ -321,3 +321,20 @@ def test_an_unknown_amp_dtype_is_refused(tmp_path):
     loader = DataLoader(TensorDataset(torch.randn(16, 4), torch.randn(16)), batch_size=4)
     with pytest.raises(UserError, match=r"^trainer.amp_dtype: 'fp8'; expected one of \[None, 'bf16', 'fp16'\]"):
         ctx.trainer(Regressor(), loader, forward_fn=regression_forward)
+
+
+@pytest.mark.parametrize(("name", "kind"), [("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)])
+def test_optimizer_family_comes_from_the_config(name, kind):
+    cfg = OmegaConf.create(
+        {"name": name, "lr": 0.1, "weight_decay": 0.0, "betas": [0.9, 0.999], "momentum": 0.9, "fused": True}
+    )
+    optimizer = build_optimizer(Regressor(), cfg)
+    assert isinstance(optimizer, kind) and optimizer.param_groups[0]["lr"] == 0.1
+    if name == "sgd":
+        assert optimizer.param_groups[0]["momentum"] == 0.9
+
+
+def test_unknown_optimizer_is_a_user_error():
+    cfg = OmegaConf.create({"name": "lamb", "lr": 0.1, "weight_decay": 0.0})
+    with pytest.raises(UserError, match="trainer.optimizer.name: unknown optimizer 'lamb'; expected one of adamw, sgd"):
+        build_optimizer(Regressor(), cfg)
