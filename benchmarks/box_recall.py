@@ -26,7 +26,7 @@ from models.meta_arch.deformable_detr import DeformableDETR
 from stages.build import build_model
 from stages.data.build import build_dataset
 from stages.data.proposals import load_or_compute_proposals
-from stages.engine.checkpoint import load_into
+from stages.engine.checkpoint import load_state_into, read_checkpoint, resolve_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO / "conf"
@@ -101,8 +101,10 @@ def main() -> None:
         model = build_model(cfg.model, dataset.num_classes)
         if not isinstance(model, DeformableDETR):
             raise SystemExit(f"model {type(model).__name__}: box_recall reads DETR-family decoders only")
-        # Tensors the checkpoint lacks or drops (pre-training's class heads) keep their seeded initialisation.
-        load_into(model, source)
+        # Every tensor that fits, the box heads that fine-tuning would drop included: this measures the checkpoint
+        # itself. Tensors it lacks (an image_pretrain's decoder) keep their seeded initialisation.
+        path = resolve_checkpoint(source)
+        load_state_into(model, read_checkpoint(path)["model"], str(path))
         values, total = recall(model_pairs(model.eval(), dataset), args.iou)
         print(f"{source[-60:]:<60}" + "".join(f"{values[t]:>14.1f}" for t in args.iou))
     if args.checkpoint:
