@@ -47,6 +47,7 @@ NEVER_READ = (
 )
 TRAIN_DATA = (
     "data.fraction",
+    "data.subset_seed",
     "data.limit_train_images",
     "data.train_images",
     "data.train_json",
@@ -69,8 +70,9 @@ _source_digest: str | None = None
 
 
 def label_free(cfg: DictConfig) -> bool:
-    """Whether the stage reads no labels, so that `data.fraction` (the labelled fraction) is not its input: box
-    pre-training, and image pre-training other than classifying the detection set's ground-truth crops."""
+    """Whether the stage reads no labels, so that `data.fraction` (the labelled fraction) and its `subset_seed` are
+    not its input: box pre-training, and image pre-training other than classifying the detection set's ground-truth
+    crops."""
     if cfg.stage.name == "box_pretrain":
         return True
     return cfg.stage.name == "image_pretrain" and not (
@@ -99,7 +101,7 @@ def not_read(cfg: DictConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
         # Inference is the plain DETR, whatever K the checkpoint was trained with.
         dropped += [*TRAIN_DATA, *TRAINING_ONLY, "model.num_aux_heads", "model.aux_heads", "model.aux_head_configs"]
     if label_free(cfg):
-        dropped.append("data.fraction")
+        dropped += ["data.fraction", "data.subset_seed"]
     return tuple(dropped), tuple(kept)
 
 

@@ -33,7 +33,8 @@ def build_dataset(
 ) -> CocoDetection:
     """The `split` ("train" or "val") of the dataset `data_cfg.name` names, with training transforms if
     `train`. Paths are relative to `data_cfg.root` unless absolute; the synthetic dataset is generated first
-    if needed. The train split keeps the seeded `data_cfg.fraction` of its images (`fraction_indices`) when
+    if needed. The train split keeps the `data_cfg.fraction` of its images drawn with `data_cfg.subset_seed`
+    (null: `seed`; `fraction_indices`) when
     `use_fraction` (the fraction is of the labels: stages that read no labels pass False and see every image);
     then `limit_<split>_images` keeps the first N of those (dataset order: ascending image id)."""
     if split not in SPLITS:
@@ -59,7 +60,9 @@ def build_dataset(
         dataset = CocoDetection(image_dir, root / str(data_cfg[f"{split}_json"]), transforms)
     image_ids = dataset.image_ids
     if split == "train" and use_fraction:
-        image_ids = [image_ids[i] for i in fraction_indices(image_ids, data_cfg.fraction, seed)]
+        subset_seed = data_cfg.get("subset_seed")
+        subset_seed = seed if subset_seed is None else int(subset_seed)
+        image_ids = [image_ids[i] for i in fraction_indices(image_ids, data_cfg.fraction, subset_seed)]
     limit = _check_limit(data_cfg, f"limit_{split}_images")
     if limit is not None:
         image_ids = image_ids[:limit]

@@ -32,6 +32,18 @@ def test_fraction_applies_to_the_train_split_only(synthetic_cfg):
     assert sorted(train.coco.getImgIds()) == train.image_ids
 
 
+def test_subset_seed_fixes_the_subset_while_the_run_seed_changes(synthetic_cfg):
+    cfg = synthetic_cfg.copy()
+    cfg.fraction = 0.25
+    by_run_seed = {seed: build_dataset(cfg, "train", train=False, seed=seed).image_ids for seed in (1, 2, 3)}
+    assert len({tuple(ids) for ids in by_run_seed.values()}) > 1  # null: the run's seed draws the subset
+    cfg.subset_seed = 7
+    fixed = {seed: build_dataset(cfg, "train", train=False, seed=seed).image_ids for seed in (1, 2, 3)}
+    all_ids = list(range(1, 21))
+    expected = [all_ids[i] for i in fraction_indices(all_ids, 0.25, seed=7)]
+    assert all(ids == expected for ids in fixed.values())
+
+
 def test_limits_keep_the_first_images_after_the_fraction(synthetic_cfg):
     cfg = synthetic_cfg.copy()
     cfg.update(fraction=0.5, limit_train_images=3, limit_val_images=2)

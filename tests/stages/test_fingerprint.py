@@ -59,7 +59,7 @@ def test_every_training_key_changes_the_finetune_fingerprint_and_is_named(data_d
         other = fingerprint(data_dir, f"{key}={value}")
         assert other.digest != base.digest, key
         assert key in base.differences(other), key
-    for override in ("seed=7", "model.num_aux_heads=1", "data.fraction=0.5", "model.d_model=64"):
+    for override in ("seed=7", "model.num_aux_heads=1", "data.fraction=0.5", "data.subset_seed=3", "model.d_model=64"):
         assert fingerprint(data_dir, override).digest != base.digest, override
 
 
@@ -67,6 +67,7 @@ def test_label_free_stages_leave_out_the_label_fraction_and_image_pretrain_the_d
     for stage in ("box_pretrain", "image_pretrain"):
         base = fingerprint(data_dir, stage=stage)
         assert fingerprint(data_dir, "data.fraction=0.5", stage=stage).digest == base.digest, stage
+        assert fingerprint(data_dir, "data.subset_seed=3", stage=stage).digest == base.digest, stage
         assert fingerprint(data_dir, "trainer.optimizer.lr=0.5", stage=stage).digest != base.digest, stage
     # The supervised crop classifier reads the labels: the fraction is its input.
     supervised = fingerprint(data_dir, "stage.method=supervised", stage="image_pretrain")
