@@ -24,7 +24,12 @@ from models.meta_arch.fpn_common import (
     DenseFPNDetectorMixin,
     group_norm,
 )
-from models.pretrain.align_outputs import DEFAULT_ALIGN_OPTIONS, AlignOptions, AlignOutputs
+from models.pretrain.align_outputs import (
+    DEFAULT_ALIGN_OPTIONS,
+    AlignOptions,
+    AlignOutputs,
+    reject_pseudo_classes,
+)
 
 
 class ConfigurableNormFCOSHead(FCOSHead):
@@ -141,6 +146,7 @@ class FCOSDetector(DenseFPNDetectorMixin, FCOS):
         """Branch "fcos": the classification tower's output at every point `match` assigns to a proposal (the
         input of the classifier the projector replaces). Losses: GIoU box regression and centerness on those
         points, as in training (no classification loss)."""
+        reject_pseudo_classes(options, self)
         batch = self.align_batch(images, targets)
         positive = torch.stack(batch.matched) >= 0  # [B, P]
         losses = {}

@@ -18,7 +18,12 @@ from models.meta_arch.fpn_common import (
     check_levels,
     group_norm,
 )
-from models.pretrain.align_outputs import DEFAULT_ALIGN_OPTIONS, AlignOptions, AlignOutputs
+from models.pretrain.align_outputs import (
+    DEFAULT_ALIGN_OPTIONS,
+    AlignOptions,
+    AlignOutputs,
+    reject_pseudo_classes,
+)
 
 BOX_LOSS_TYPES = ("l1", "smooth_l1", "giou", "ciou", "diou")
 
@@ -129,6 +134,7 @@ class RetinaNetDetector(DenseFPNDetectorMixin, RetinaNet):
         makes positive, one row per (location, proposal id) pair: the reference gives each of the A anchors its
         own embedding from a per-anchor classifier, here the A anchors of a location share the tower feature the
         projector sees. Loss: the configured box regression loss on the positive anchors."""
+        reject_pseudo_classes(options, self)
         batch = self.align_batch(images, targets)
         num_locations = batch.tower.shape[1]
         image_index, anchor_index = torch.nonzero(torch.stack(batch.matched) >= 0, as_tuple=True)

@@ -113,8 +113,9 @@ class AlignDet(nn.Module):
     """The AlignDet wrapper around any detector that speaks the align protocol (`AlignableDetector`:
     `align_outputs`, `align_feature_dims`, `align_drop_keys`; every detector in models/meta_arch/ does).
 
-    Targets handed to the detector carry `boxes` (xyxy pixels, the view's proposals), `labels` (zeros) and `ids`
-    (made unique across the batch here, equal for the same region in both views).
+    Targets handed to the detector carry `boxes` (xyxy pixels, the view's proposals), `labels` (zeros, or the
+    proposals' pseudo-classes) and `ids` (made unique across the batch here, equal for the same region in both
+    views).
 
     Args:
         detector: the online detector (its weights are what fine-tuning loads).
@@ -125,8 +126,8 @@ class AlignDet(nn.Module):
         contrastive_weight: weight of each branch's contrastive loss.
         freeze_backbone: keep the image-domain backbone (`image_domain_backbone`) as it is: no gradients and
             BatchNorm in eval mode (the reference runs it under no_grad with norm_eval).
-        detr_all_layers, detr_objectness: the DETR family's `AlignOptions` (`all_layers`, `objectness`), handed
-            to the detector with every call.
+        detr_all_layers, detr_objectness, detr_pseudo_classes: the DETR family's `AlignOptions` (`all_layers`,
+            `objectness`, `pseudo_classes`), handed to the detector with every call.
 
     forward(images1, targets1, images2, targets2) -> losses: the online detector's box losses on view 1 plus
     `align/loss_contrastive_<branch>` per branch. `update_momentum(progress)` after each optimiser step.
@@ -144,6 +145,7 @@ class AlignDet(nn.Module):
         freeze_backbone: bool,
         detr_all_layers: bool = True,
         detr_objectness: bool = False,
+        detr_pseudo_classes: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(detector, AlignableDetector):
@@ -159,7 +161,11 @@ class AlignDet(nn.Module):
         self.base_momentum = float(base_momentum)
         self.contrastive_weight = float(contrastive_weight)
         self.freeze_backbone = bool(freeze_backbone)
-        self.options = AlignOptions(all_layers=bool(detr_all_layers), objectness=bool(detr_objectness))
+        self.options = AlignOptions(
+            all_layers=bool(detr_all_layers),
+            objectness=bool(detr_objectness),
+            pseudo_classes=bool(detr_pseudo_classes),
+        )
         self.feature_dims = dict(detector.align_feature_dims())
         self.projectors = nn.ModuleDict(
             {
