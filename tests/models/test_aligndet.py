@@ -305,6 +305,15 @@ def test_detr_pseudo_classes_match_with_the_class_cost(monkeypatch):
     assert class_costs and all(cost == 0 for cost in class_costs)
 
 
+def test_two_stage_detr_pseudo_classes_keep_the_encoder_proposals_one_class():
+    model = tiny_detr(num_classes=4, overrides=("model.detector.two_stage=true",))
+    images, targets = two_tiny_images()
+    proposals = pseudo_class_targets([t["boxes"] for t in targets], [[3], [1, 2]])
+    out = model.align_outputs(images, proposals, True, AlignOptions(pseudo_classes=True))
+    assert {"detr/loss_cls", "detr/loss_cls_enc", "detr/loss_bbox_enc"} <= set(out.losses)
+    assert model.enc_class_embed.out_features == 1
+
+
 def test_detr_pseudo_classes_outside_the_class_heads_are_an_error():
     model = tiny_detr(num_classes=2)
     images, targets = two_tiny_images()
