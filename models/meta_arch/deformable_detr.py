@@ -107,7 +107,10 @@ class DeformableDETR(nn.Module):
     cost (the matcher's L1 and GIoU weights; proposals have no class); its features are the decoder hidden
     states of the matched queries (every decoder layer, as the reference labels all six, or only the last:
     `AlignOptions.all_layers`); its losses are the L1 and GIoU losses on every decoder layer plus, two-stage, the
-    class-agnostic encoder-proposal losses (`*_enc`). With `AlignOptions.objectness` every decoder layer's class
+    class-agnostic encoder-proposal losses (`*_enc`). With `AlignOptions.pseudo_classes` the proposals' `labels`
+    are pseudo-classes (cluster ids, 0..num_classes-1): the matching adds the matcher's class cost and every
+    decoder layer's class head learns them with the focal loss (`detr/loss_cls*`); the heads are still dropped at
+    fine-tuning (AlignDet's detr_pseudo_label setting). With `AlignOptions.objectness` every decoder layer's class
     head also learns the proposals as objects (each matched query a positive of every class logit, the others
     negatives: `detr/loss_objectness*`) and fine-tuning keeps those heads, so every class starts from "proposal
     or not" instead of the fresh head's uniform prior; without it the projector replaces the classifier and the
@@ -370,10 +373,15 @@ class DeformableDETR(nn.Module):
         """The AlignDet branches of an encoded batch: here the "detr" branch (class docstring)."""
         device = self.pixel_mean.device
         ids = [t["ids"].to(device=device, dtype=torch.int64) for t in targets]
-        proposals = self.normalise_targets(one_class_targets(targets, device), image_sizes)
+        one_class = self.normalise_targets(one_class_targets(targets, device), image_sizes)
+        if options.pseudo_classes:
+            check_pseudo_classes(targets, self.num_classes)
+            proposals, matcher = self.normalise_targets(targets, image_sizes), self.criterion.matcher
+        else:
+            proposals, matcher = one_class, self.criterion.matcher.box_only()
+        loss_names = ("loss_cls", "loss_bbox", "loss_giou") if options.pseudo_classes else ("loss_bbox", "loss_giou")
         queries = self.initial_queries(encoded)
         decoded = self.decode_queries(encoded, queries.content, queries.pos, queries.reference)
-        matcher = self.criterion.matcher.box_only()
         num_layers = decoded.boxes.shape[0]
         labelled = range(num_layers) if options.all_layers else [num_layers - 1]
         num_boxes = num_target_boxes(proposals, decoded.boxes.device)
@@ -382,7 +390,7 @@ class DeformableDETR(nn.Module):
         for layer in range(num_layers):
             if layer not in labelled and not with_losses:
                 continue
-            indices = matcher(None, decoded.boxes[layer], proposals)
+            indices = matcher(decoded.logits[layer], decoded.boxes[layer], proposals)
             if layer in labelled:
                 # Image-major, queries ascending within an image: rows and ids are built from the same pairs.
                 for image, (pred, tgt) in enumerate(indices):
@@ -397,7 +405,7 @@ class DeformableDETR(nn.Module):
                     decoded.logits[layer], decoded.boxes[layer], proposals, indices, num_boxes
                 )
                 suffix = "" if layer == num_layers - 1 else f"_d{layer}"
-                for name in ("loss_bbox", "loss_giou"):
+                for name in loss_names:
                     out.losses[f"{DETR_BRANCH}/{name}{suffix}"] = losses[name]
                 if options.objectness:
                     out.losses[f"{DETR_BRANCH}/loss_objectness{suffix}"] = self.criterion.objectness_loss(
@@ -409,10 +417,21 @@ class DeformableDETR(nn.Module):
         if with_losses and queries.enc_logits is not None:
             # Two-stage: the encoder's object-or-not proposals learn the proposals as objects (like an RPN would).
             enc_losses, _ = self.criterion.match_and_loss(
-                queries.enc_logits, queries.enc_boxes, proposals, num_boxes, queries.enc_valid
+                queries.enc_logits, queries.enc_boxes, one_class, num_boxes, queries.enc_valid
             )
             out.losses.update({f"{DETR_BRANCH}/{name}_enc": value for name, value in enc_losses.items()})
         return out
+
+
+def check_pseudo_classes(targets: list[dict[str, Tensor]], num_classes: int) -> None:
+    """Raise ValueError unless every target label is one of the detector's `num_classes` pseudo-classes."""
+    for index, target in enumerate(targets):
+        labels = target["labels"]
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise ValueError(
+                f"DeformableDETR: image {index} of the batch has pseudo-classes in [{int(labels.min())}, "
+                f"{int(labels.max())}]; expected 0..{num_classes - 1} (the detector's num_classes)"
+            )
 
 
 def one_class_targets(targets: list[dict[str, Tensor]], device: torch.device) -> list[dict[str, Tensor]]:

@@ -28,7 +28,12 @@ from models.meta_arch.fpn_common import (
     check_loss_weights,
     fpn,
 )
-from models.pretrain.align_outputs import DEFAULT_ALIGN_OPTIONS, AlignOptions, AlignOutputs
+from models.pretrain.align_outputs import (
+    DEFAULT_ALIGN_OPTIONS,
+    AlignOptions,
+    AlignOutputs,
+    reject_pseudo_classes,
+)
 
 
 class FasterRCNNDetector(FPNDetectorMixin, GeneralizedRCNN):
@@ -159,6 +164,7 @@ class FasterRCNNDetector(FPNDetectorMixin, GeneralizedRCNN):
         features, ids = their matched proposal's id. Loss: the RoI box regression of those positives on the
         pseudo-class their proposal carries. with_losses needs training mode (the RPN computes losses only then).
         """
+        reject_pseudo_classes(options, self)
         if with_losses and not self.training:
             raise ValueError("FasterRCNNDetector.align_outputs: with_losses=True needs training mode")
         image_list, tv_targets = self._prepare(images, targets)

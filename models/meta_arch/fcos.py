@@ -24,7 +24,13 @@ from models.meta_arch.fpn_common import (
     DenseFPNDetectorMixin,
     group_norm,
 )
-from models.pretrain.align_outputs import DEFAULT_ALIGN_OPTIONS, AlignOptions, AlignOutputs, with_background
+from models.pretrain.align_outputs import (
+    DEFAULT_ALIGN_OPTIONS,
+    AlignOptions,
+    AlignOutputs,
+    reject_pseudo_classes,
+    with_background,
+)
 
 
 class ConfigurableNormFCOSHead(FCOSHead):
@@ -144,6 +150,7 @@ class FCOSDetector(DenseFPNDetectorMixin, FCOS):
         input of the classifier the projector replaces), then up to `options.max_background` background points.
         Losses: GIoU box regression and centerness on the assigned points, as in training (no classification
         loss)."""
+        reject_pseudo_classes(options, self)
         batch = self.align_batch(images, targets)
         matched = torch.stack(batch.matched)  # [B, P]
         positive = matched >= 0

@@ -18,7 +18,13 @@ from models.meta_arch.fpn_common import (
     check_levels,
     group_norm,
 )
-from models.pretrain.align_outputs import DEFAULT_ALIGN_OPTIONS, AlignOptions, AlignOutputs, with_background
+from models.pretrain.align_outputs import (
+    DEFAULT_ALIGN_OPTIONS,
+    AlignOptions,
+    AlignOutputs,
+    reject_pseudo_classes,
+    with_background,
+)
 
 BOX_LOSS_TYPES = ("l1", "smooth_l1", "giou", "ciou", "diou")
 
@@ -133,6 +139,7 @@ class RetinaNetDetector(DenseFPNDetectorMixin, RetinaNet):
         projector sees. Then up to `options.max_background` background locations: those with a background anchor
         and no positive one (a location's shared feature cannot be both). Loss: the configured box regression
         loss on the positive anchors."""
+        reject_pseudo_classes(options, self)
         batch = self.align_batch(images, targets)
         num_locations = batch.tower.shape[1]
         matched = torch.stack(batch.matched)  # [B, L * A], anchors of a location consecutive

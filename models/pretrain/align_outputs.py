@@ -52,8 +52,9 @@ class AlignOutputs:
 
 @dataclass(frozen=True)
 class AlignOptions:
-    """Choices the AlignDet stage makes about how a detector matches and trains on proposals. Only the DETR
-    family has any to make; the other detectors take them and ignore them.
+    """Choices the AlignDet stage makes about how a detector matches and trains on proposals. `all_layers`,
+    `objectness` and `pseudo_classes` concern the DETR family's decoder (the other detectors ignore the first two
+    and refuse the third); `max_background` every branch that has background samples.
 
     all_layers: label the matched queries of every decoder layer (the reference) or only the last.
     objectness: also train the decoder class heads to score proposals as objects, and keep them for
@@ -61,11 +62,30 @@ class AlignOptions:
     max_background: background samples per view added to a branch's rows as negatives of every proposal, drawn
         at random when there are more: the unmatched queries of the labelled decoder layers (DETR), background
         points (FCOS) and anchor locations (RetinaNet), as the reference; 0 = the other proposals alone.
+    pseudo_classes: the targets' `labels` are pseudo-classes (cluster ids of the proposals, < the detector's
+        num_classes): match with the full class + box cost and train the class heads on them (see DeformableDETR).
+        Only the DETR family supports it; the other detectors raise. Excludes `objectness`.
     """
 
     all_layers: bool = True
     objectness: bool = False
     max_background: int = 0
+    pseudo_classes: bool = False
+
+    def __post_init__(self) -> None:
+        if self.objectness and self.pseudo_classes:
+            raise ValueError(
+                "AlignOptions: objectness and pseudo_classes both set; they train the class heads differently"
+            )
+
+
+def reject_pseudo_classes(options: AlignOptions, detector: object) -> None:
+    """Raise ValueError when `options.pseudo_classes` reaches a detector outside the DETR family: AlignDet's
+    pseudo-class labels are a DETR setting only, and ignoring them would pass off a plain run as one with them."""
+    if options.pseudo_classes:
+        raise ValueError(
+            f"{type(detector).__name__}: pseudo-classes train a DETR-family class head; this detector has none"
+        )
 
 
 # The options a detector uses when called without any: every decoder layer labelled as the reference, no
@@ -93,8 +113,8 @@ class AlignableDetector(Protocol):
         self, images: list[Tensor], targets: list[dict[str, Tensor]], with_losses: bool, options: AlignOptions
     ) -> AlignOutputs:
         """`images`: CHW float in [0, 1]; `targets[i]`: `boxes` [n_i, 4] xyxy pixels (the proposals), `labels`
-        [n_i] int64 (all 0: one pseudo-class), `ids` [n_i] int64. `with_losses=False`: no regression losses (the
-        momentum view, under no_grad)."""
+        [n_i] int64 (all 0, one class, unless `options.pseudo_classes`), `ids` [n_i] int64. `with_losses=False`:
+        no regression losses (the momentum view, under no_grad)."""
         ...
 
     def align_feature_dims(self) -> dict[str, int]:

@@ -120,8 +120,9 @@ class AlignDet(nn.Module):
     """The AlignDet wrapper around any detector that speaks the align protocol (`AlignableDetector`:
     `align_outputs`, `align_feature_dims`, `align_drop_keys`; every detector in models/meta_arch/ does).
 
-    Targets handed to the detector carry `boxes` (xyxy pixels, the view's proposals), `labels` (zeros) and `ids`
-    (made unique across the batch here, equal for the same region in both views).
+    Targets handed to the detector carry `boxes` (xyxy pixels, the view's proposals), `labels` (zeros, or the
+    proposals' pseudo-classes) and `ids` (made unique across the batch here, equal for the same region in both
+    views).
 
     Args:
         detector: the online detector (its weights are what fine-tuning loads).
@@ -133,7 +134,8 @@ class AlignDet(nn.Module):
         freeze_backbone: keep the image-domain backbone (`image_domain_backbone`) as it is: no gradients and
             BatchNorm in eval mode (the reference runs it under no_grad with norm_eval).
         max_background: background samples per view in each branch's negatives (`AlignOptions.max_background`).
-        detr_all_layers, detr_objectness: the DETR family's `AlignOptions` (`all_layers`, `objectness`).
+        detr_all_layers, detr_objectness, detr_pseudo_classes: the DETR family's `AlignOptions` (`all_layers`,
+            `objectness`, `pseudo_classes`).
         The options are handed to the detector with every call.
 
     forward(images1, targets1, images2, targets2) -> losses: the online detector's box losses on view 1 plus
@@ -153,6 +155,7 @@ class AlignDet(nn.Module):
         max_background: int,
         detr_all_layers: bool = True,
         detr_objectness: bool = False,
+        detr_pseudo_classes: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(detector, AlignableDetector):
@@ -171,7 +174,10 @@ class AlignDet(nn.Module):
         if max_background < 0:
             raise ValueError(f"AlignDet: max_background {max_background}; expected >= 0")
         self.options = AlignOptions(
-            all_layers=bool(detr_all_layers), objectness=bool(detr_objectness), max_background=int(max_background)
+            all_layers=bool(detr_all_layers),
+            objectness=bool(detr_objectness),
+            max_background=int(max_background),
+            pseudo_classes=bool(detr_pseudo_classes),
         )
         self.feature_dims = dict(detector.align_feature_dims())
         self.projectors = nn.ModuleDict(

@@ -165,6 +165,8 @@ class ProposalStats:
     images_per_second: float
     cache_hit: bool
     cache_path: str
+    # The cache's sha256 key: names these exact boxes (caches derived from them, the pseudo-classes, key on it).
+    cache_key: str
 
     @property
     def boxes_per_image(self) -> float:
@@ -375,6 +377,7 @@ def load_or_compute_proposals(
         images_per_second=len(image_ids) / seconds if seconds > 0 else float("inf"),
         cache_hit=cache_hit,
         cache_path=str(path),
+        cache_key=key,
     )
     how = f"loaded from cache {path}" if cache_hit else f"computed and cached in {path}"
     log.info(

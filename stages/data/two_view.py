@@ -87,8 +87,9 @@ class TwoViewDataset(Dataset):
 
     Each target: `boxes` float32 [M, 4] xyxy in that view's pixels, clipped to it; `ids` int64 [M], the
     proposal's index 0..N-1 in the image (same region, same id, in both views; without a crop both views
-    hold all N in order); `labels` int64 [M] zeros (one class, "proposal", for detector code that expects
-    labels); `image_id`; `orig_size` and `size` int64 (h, w) of the file and of the view.
+    hold all N in order); `labels` int64 [M]: the proposals' pseudo-classes when `labels` maps image id to
+    int [N] (aligned with the boxes), else zeros (one class, "proposal", for detector code that expects labels);
+    `image_id`; `orig_size` and `size` int64 (h, w) of the file and of the view.
     With a crop, each view keeps at least one proposal and view 2 shares at least one id with view 1:
     a crop is redrawn up to `max_tries` times, then that view falls back to the whole image.
     """
@@ -100,9 +101,11 @@ class TwoViewDataset(Dataset):
         view_transforms_1: ViewTransform,
         view_transforms_2: ViewTransform,
         crop_cfg: Mapping[str, Any] | None = None,
+        labels: Mapping[Any, np.ndarray] | None = None,
     ):
         self.dataset = dataset
         self.proposals = proposals
+        self.labels = labels
         self.view_transforms = (view_transforms_1, view_transforms_2)
         self.crop: RandomCropKeepVisible | None = None
         self.crop_max_tries = 0
@@ -130,10 +133,16 @@ class TwoViewDataset(Dataset):
         image = torch.from_numpy(self.dataset.load_image(index)).permute(2, 0, 1).float().div_(255)
         boxes = torch.as_tensor(np.asarray(self.proposals[image_id]), dtype=torch.float32).reshape(-1, 4)
         size = torch.tensor(image.shape[-2:], dtype=torch.int64)
+        if self.labels is None:
+            labels = torch.zeros(len(boxes), dtype=torch.int64)
+        else:
+            labels = torch.as_tensor(np.asarray(self.labels[image_id]), dtype=torch.int64).reshape(-1)
+            if len(labels) != len(boxes):
+                raise ValueError(f"image {image_id}: {len(labels)} pseudo-classes for {len(boxes)} proposals")
         target = {
             "boxes": boxes,
             "ids": torch.arange(len(boxes), dtype=torch.int64),
-            "labels": torch.zeros(len(boxes), dtype=torch.int64),
+            "labels": labels,
             "image_id": int(image_id),
             "orig_size": size,
             "size": size.clone(),
@@ -200,12 +209,19 @@ def build_view_transforms(views_cfg: Any) -> Compose:
     return Compose(transforms)
 
 
-def build_two_view_dataset(dataset: Any, proposals: Mapping[Any, np.ndarray], views_cfg: Any) -> TwoViewDataset:
-    """`TwoViewDataset` with two independent pipelines from `stage.views` and its optional `crop` block."""
+def build_two_view_dataset(
+    dataset: Any,
+    proposals: Mapping[Any, np.ndarray],
+    views_cfg: Any,
+    labels: Mapping[Any, np.ndarray] | None = None,
+) -> TwoViewDataset:
+    """`TwoViewDataset` with two independent pipelines from `stage.views` and its optional `crop` block;
+    `labels`: the proposals' pseudo-classes (None: every label 0)."""
     return TwoViewDataset(
         dataset,
         proposals,
         build_view_transforms(views_cfg),
         build_view_transforms(views_cfg),
         crop_cfg=views_cfg.crop,
+        labels=labels,
     )

@@ -10,7 +10,7 @@ import torch
 
 from stages.build import build_model
 from stages.engine.checkpoint import load_into
-from tests.helpers import CONF_DIR, compose_config, run_cli
+from tests.helpers import CONF_DIR, assert_one_line_error, compose_config, run_cli
 
 DETR_MODELS = [
     pytest.param(
@@ -90,3 +90,52 @@ def test_box_pretrained_checkpoint_loads_neck_transformer_and_heads_but_not_clas
         assert report.fresh["aux_heads"] == report.dropped["aux_heads"]
         assert report.loaded["adapter"] == count["adapter"]
     assert set(report.fresh) <= {"class_embed", "bbox_embed", "aux_heads"}
+
+
+# ---- pseudo-classes (stage.pseudo_classes) ----
+
+NUM_CLUSTERS = 4
+
+
+def test_box_pretrain_with_pseudo_classes_trains_the_class_heads_and_finetune_drops_them(tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    args = [
+        "experiment=smoke",
+        "stage=box_pretrain",
+        "model=co_deformable_detr",
+        "stage.pseudo_classes.enabled=true",
+        f"stage.pseudo_classes.num_clusters={NUM_CLUSTERS}",
+    ]
+    proc = run_cli(args, run_dir, data_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = run_dir / "box_pretrain"
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"detr/loss_cls", "detr/loss_cls_d0", "detr/loss_bbox"} <= set(summary["metrics"])
+    assert not any(k.startswith("aux") and k.endswith("loss_cls") for k in summary["metrics"])
+    clusters = summary["pseudo_classes"]
+    assert clusters["num_clusters"] == NUM_CLUSTERS and sum(clusters["cluster_sizes"]) == clusters["num_proposals"]
+    # Cached beside the proposals.
+    assert Path(clusters["cache_path"]).parent == Path(summary["proposals"]["cache_path"]).parent
+    assert Path(clusters["cache_path"]).is_file()
+
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ckpt["model"]["class_embed.0.weight"].shape[0] == NUM_CLUSTERS
+    assert any(k.startswith("class_embed.") for k in ckpt["drop_keys"])
+    target = finetune_model("co_deformable_detr", run_dir)
+    count = sum(1 for k in target.state_dict() if k.startswith("class_embed."))
+    report = load_into(target, out)
+    assert report.dropped["class_embed"] == count and report.fresh["class_embed"] == count
+    assert not report.skipped_shape and not report.skipped_name
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragments"),
+    [
+        (["stage.aligndet.detr_objectness=true"], ("stage.pseudo_classes.enabled", "stage.aligndet.detr_objectness")),
+        (["model=fcos"], ("stage.pseudo_classes.enabled=true", "model=fcos", "DETR")),
+    ],
+)
+def test_pseudo_classes_config_errors_are_one_line(tmp_path, data_dir, extra, fragments):
+    args = ["experiment=smoke", "stage=box_pretrain", "stage.pseudo_classes.enabled=true", *extra]
+    proc = run_cli(args, tmp_path / "run", data_dir)
+    assert_one_line_error(proc, *fragments)

@@ -354,6 +354,93 @@ def test_detr_objectness_trains_every_class_logit_on_the_matched_queries_and_kee
     assert not any(drop_matches(k, d) for k in model.state_dict() if k.startswith("class_embed.") for d in kept)
 
 
+def pseudo_class_targets(boxes: list[torch.Tensor], labels: list[list[int]]) -> list[dict[str, torch.Tensor]]:
+    targets = proposal_targets(boxes)
+    for target, image_labels in zip(targets, labels):
+        target["labels"] = torch.tensor(image_labels, dtype=torch.int64)
+    return targets
+
+
+def test_detr_pseudo_classes_train_every_class_head_on_the_cluster_ids_and_drop_them():
+    model = tiny_detr(num_classes=4)
+    images, targets = two_tiny_images()
+    proposals = pseudo_class_targets([t["boxes"] for t in targets], [[3], [1, 2]])
+    pseudo = AlignOptions(pseudo_classes=True)
+    out = model.align_outputs(images, proposals, True, pseudo)
+    assert {"detr/loss_cls", "detr/loss_cls_d0", "detr/loss_bbox", "detr/loss_giou_d0"} <= set(out.losses)
+    model.zero_grad()
+    (out.losses["detr/loss_cls"] + out.losses["detr/loss_cls_d0"]).backward()
+    for head in model.class_embed:
+        assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+    # The class heads learn which cluster each proposal is: other ids, other loss.
+    relabelled = pseudo_class_targets([t["boxes"] for t in targets], [[0], [0, 0]])
+    with torch.no_grad():
+        other = model.align_outputs(images, relabelled, True, pseudo)
+    assert not torch.allclose(other.losses["detr/loss_cls"], out.losses["detr/loss_cls"])
+    # Without the option: box losses only, whatever the labels.
+    box_only = model.align_outputs(images, proposals, True, AlignOptions())
+    assert not any("loss_cls" in k for k in box_only.losses)
+    drops = model.align_drop_keys(pseudo)
+    class_keys = [k for k in model.state_dict() if k.startswith("class_embed.")]
+    assert class_keys and all(any(drop_matches(k, d) for d in drops) for k in class_keys)
+
+
+def test_detr_pseudo_classes_match_with_the_class_cost(monkeypatch):
+    model = tiny_detr(num_classes=4)
+    images, targets = two_tiny_images()
+    proposals = pseudo_class_targets([t["boxes"] for t in targets], [[3], [1, 2]])
+    matcher = model.criterion.matcher
+    matcher_type = type(matcher)
+    match = matcher_type.forward
+    class_costs = []
+
+    def spy(self, logits, boxes, targets, valid=None):
+        class_costs.append(self.cost_class)
+        return match(self, logits, boxes, targets, valid)
+
+    monkeypatch.setattr(matcher_type, "forward", spy)
+    model.align_outputs(images, proposals, False, AlignOptions(pseudo_classes=True))
+    assert class_costs and all(cost == matcher.cost_class > 0 for cost in class_costs)
+    class_costs.clear()
+    model.align_outputs(images, proposals, False, AlignOptions())
+    assert class_costs and all(cost == 0 for cost in class_costs)
+
+
+def test_two_stage_detr_pseudo_classes_keep_the_encoder_proposals_one_class():
+    model = tiny_detr(num_classes=4, overrides=("model.detector.two_stage=true",))
+    images, targets = two_tiny_images()
+    proposals = pseudo_class_targets([t["boxes"] for t in targets], [[3], [1, 2]])
+    out = model.align_outputs(images, proposals, True, AlignOptions(pseudo_classes=True))
+    assert {"detr/loss_cls", "detr/loss_cls_enc", "detr/loss_bbox_enc"} <= set(out.losses)
+    assert model.enc_class_embed.out_features == 1
+
+
+def test_detr_pseudo_classes_outside_the_class_heads_are_an_error():
+    model = tiny_detr(num_classes=2)
+    images, targets = two_tiny_images()
+    proposals = pseudo_class_targets([t["boxes"] for t in targets], [[0], [1, 2]])
+    with pytest.raises(ValueError, match="image 1 of the batch has pseudo-classes in \\[1, 2\\]; expected 0..1"):
+        model.align_outputs(images, proposals, True, AlignOptions(pseudo_classes=True))
+
+
+def test_pseudo_classes_and_objectness_exclude_each_other():
+    with pytest.raises(ValueError, match="objectness and pseudo_classes"):
+        AlignOptions(objectness=True, pseudo_classes=True)
+
+
+@pytest.mark.parametrize("model_name", ["fcos", "retinanet", "faster_rcnn"])
+def test_detectors_outside_the_detr_family_reject_pseudo_classes(model_name):
+    from stages.build import build_model
+
+    cfg = compose_config(["experiment=smoke", f"model={model_name}"])
+    model = build_model(cfg.model, 4)
+    images, targets = two_tiny_images(96)
+    with pytest.raises(ValueError, match="pseudo-classes train a DETR-family class head"):
+        model.align_outputs(
+            images, proposal_targets([t["boxes"] for t in targets]), False, AlignOptions(pseudo_classes=True)
+        )
+
+
 def test_two_stage_detr_also_trains_its_class_agnostic_encoder_proposals():
     model = tiny_detr(overrides=("model.detector.two_stage=true",))
     images, targets = two_tiny_images()
@@ -391,6 +478,30 @@ def test_co_detr_aux_branches_carry_proposal_ids_image_by_image():
     assert {"aux_heads.0.tower.cls_pred.", "aux_heads.0.tower.reg_pred.", "aux_heads.1.box_predictor."} <= set(keys)
 
 
+def test_co_detr_pseudo_classes_reach_the_detr_branch_while_aux_heads_keep_one_class(monkeypatch):
+    from stages.build import build_model
+
+    cfg = compose_config(["experiment=smoke", "model=co_deformable_detr"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 4)
+    images, _ = two_tiny_images(96)
+    boxes = [torch.tensor([[8.0, 10.0, 60.0, 70.0]]), torch.tensor([[4.0, 6.0, 48.0, 46.0], [44.0, 40.0, 90.0, 88.0]])]
+    aux_labels = []
+    run_aux_heads = model.run_aux_heads
+
+    def spy(encoded, image_sizes, targets):
+        aux_labels.extend(t["labels"] for t in targets)
+        return run_aux_heads(encoded, image_sizes, targets)
+
+    monkeypatch.setattr(model, "run_aux_heads", spy)
+    out = model.align_outputs(
+        images, pseudo_class_targets(boxes, [[3], [1, 2]]), True, AlignOptions(pseudo_classes=True)
+    )
+    assert "detr/loss_cls" in out.losses
+    assert aux_labels and all(int(labels.abs().sum()) == 0 for labels in aux_labels)
+    assert not any(k.startswith("aux") and k.endswith("loss_cls") for k in out.losses)
+
+
 # ---- the frozen backbone ----
 
 
@@ -403,6 +514,28 @@ def one_training_step(model: AlignDet) -> None:
     optimizer.zero_grad()
     sum(v for k, v in losses.items() if k.rsplit("/", 1)[-1].startswith("loss")).backward()
     optimizer.step()
+
+
+def test_aligndet_hands_pseudo_classes_to_the_detector_and_its_class_heads_learn():
+    model = AlignDet(
+        tiny_detr(num_classes=4),
+        projector_hidden_dim=None,
+        projector_out_dim=16,
+        temperature=0.5,
+        base_momentum=0.996,
+        contrastive_weight=1.0,
+        freeze_backbone=True,
+        max_background=0,
+        detr_pseudo_classes=True,
+    )
+    assert model.options.pseudo_classes
+    images, targets = two_tiny_images()
+    proposals = pseudo_class_targets([t["boxes"] for t in targets], [[3], [1, 2]])
+    model.train()
+    losses = model(images, proposals, images, proposals)
+    assert "detr/loss_cls" in losses and "align/loss_contrastive_detr" in losses
+    sum(losses.values()).backward()
+    assert model.detector.class_embed[-1].weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("freeze", [True, False])

@@ -80,6 +80,21 @@ def test_label_free_stages_leave_out_the_label_fraction_and_image_pretrain_the_d
     assert fingerprint(data_dir, "model.num_aux_heads=0", stage="box_pretrain").digest != box.digest
 
 
+def test_every_pseudo_class_key_changes_the_box_pretrain_fingerprint_and_is_named(data_dir):
+    base = fingerprint(data_dir, stage="box_pretrain")
+    for key, value in (
+        ("enabled", "true"),
+        ("num_clusters", "7"),
+        ("kmeans_iters", "9"),
+        ("feature_stride", "16"),
+        ("roi_output_size", "3"),
+        ("sampling_ratio", "1"),
+    ):
+        other = fingerprint(data_dir, f"stage.pseudo_classes.{key}={value}", stage="box_pretrain")
+        assert other.digest != base.digest, key
+        assert f"stage.pseudo_classes.{key}" in base.differences(other), key
+
+
 def test_the_input_checkpoint_enters_by_its_fingerprint_not_its_path(data_dir, tmp_path):
     def write(name: str, weight: float, recorded: str | None) -> str:
         path = tmp_path / name
