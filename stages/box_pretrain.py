@@ -1,12 +1,13 @@
 """box_pretrain: AlignDet box-domain pre-training of the whole detector on the training images, labels unused.
 
-Selective-search proposals (cached) -> optionally their pseudo-classes (`stage.pseudo_classes`: k-means cluster ids
-of backbone features, cached; the DETR's class heads learn them) -> two augmented views per image sharing proposal
-ids -> the detector wrapped
-in `models.pretrain.aligndet.AlignDet` (online + EMA copy, projectors, box-domain InfoNCE and box losses) -> the shared
-Trainer with an EMA hook. `checkpoint.pth` holds the online detector alone under the detector's own names
-(backbone.*, neck.*, transformer.*, ...) plus `drop_keys`, the classifier keys fine-tuning should leave out;
-`last.pth` keeps the whole wrapper for resuming.
+Selective-search proposals (cached), the detector's first `model.box_pretrain.max_proposals` of them -> optionally
+their pseudo-classes (`stage.pseudo_classes`: k-means cluster ids of backbone features, cached; the DETR's class
+heads learn them) -> two augmented views per image sharing proposal ids -> the detector wrapped in
+`models.pretrain.aligndet.AlignDet` (online + EMA copy, projectors, box-domain InfoNCE against the other proposals
+and background samples, box losses) -> the shared Trainer with an EMA hook. `checkpoint.pth` holds the online
+detector alone under the detector's own names (backbone.*, neck.*, transformer.*, ...) plus `drop_keys`, the
+patterns of what fine-tuning leaves out (the model config's `align_drop_keys`); `last.pth` keeps the whole wrapper
+for resuming.
 """
 
 from __future__ import annotations
@@ -161,7 +162,7 @@ def run(cfg: DictConfig) -> dict:
     limit = proposal_limit(detector, cfg.model.box_pretrain.max_proposals)
     proposals, clamped = clamp_proposals(proposals, limit)
     if clamped:
-        log.info("proposals: %d images keep their first %d proposals (the detector's queries)", clamped, limit)
+        log.info("proposals: %d images keep their first %d (model.box_pretrain.max_proposals, queries)", clamped, limit)
     if pseudo_labels is not None:
         pseudo_labels, _ = clamp_proposals(pseudo_labels, limit)
     views = build_two_view_dataset(dataset, proposals, cfg.stage.views, labels=pseudo_labels)
