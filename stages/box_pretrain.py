@@ -119,8 +119,9 @@ def feature_identity(cfg: DictConfig) -> dict:
 
 
 def clustering_detector(detector: nn.Module, init_from: str | None, resuming: bool) -> nn.Module:
-    """The detector whose backbone clusters the proposals: `detector` once init_from is in it; a resumed run
-    (whose weights come from last.pth later) clusters, on a cache miss, with a copy holding init_from's."""
+    """The detector whose backbone clusters the proposals (called on a cache miss only): `detector` once
+    init_from is in it; a resumed run (whose weights come from last.pth later) clusters with a copy holding
+    init_from's."""
     if not (resuming and init_from):
         return detector
     fresh = copy.deepcopy(detector)
@@ -152,7 +153,7 @@ def run(cfg: DictConfig) -> dict:
         pseudo_labels, cluster_stats = pseudo_classes_main_first(
             dataset,
             proposals,
-            clustering_detector(detector, cfg.stage.init_from, ctx.resuming),
+            lambda: clustering_detector(detector, cfg.stage.init_from, ctx.resuming),
             pseudo,
             cfg.seed,
             cfg.stage.proposals.cache_dir,

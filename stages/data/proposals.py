@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from stages.engine.distributed import barrier, is_main_process
+from stages.engine.distributed import main_process_first
 from stages.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -406,10 +406,6 @@ def load_or_compute_proposals(
 
 def proposals_main_first(dataset, proposals_cfg: Mapping[str, Any]) -> tuple[dict, ProposalStats]:
     """The main process computes (or reads) the cache first; the other ranks then read it."""
-    args = (dataset, proposals_cfg, proposals_cfg["cache_dir"], proposals_cfg["num_workers"])
-    if is_main_process():
-        result = load_or_compute_proposals(*args)
-    barrier()
-    if not is_main_process():
-        result = load_or_compute_proposals(*args)
-    return result
+    return main_process_first(
+        load_or_compute_proposals, dataset, proposals_cfg, proposals_cfg["cache_dir"], proposals_cfg["num_workers"]
+    )

@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from stages.engine.distributed import barrier, is_main_process
+from stages.engine.distributed import main_process_first
 from stages.engine.files import atomic_write_text
 from stages.errors import UserError
 
@@ -177,7 +177,7 @@ def _read_cache(path: Path, key: str, image_ids: list, counts: list[int]) -> lis
 def load_or_compute_pseudo_classes(
     dataset: Any,
     proposals: Mapping[Any, np.ndarray],
-    detector: nn.Module,
+    feature_detector: Callable[[], nn.Module],
     pseudo_cfg: Mapping[str, Any],
     seed: int,
     cache_dir: str | Path,
@@ -188,8 +188,8 @@ def load_or_compute_pseudo_classes(
     from the cache when it matches, else computed (`proposal_features`, then `kmeans` with `seed`) and cached.
 
     `proposals`: `{image_id: [N, 4] xyxy file pixels}` as `load_or_compute_proposals` returned them (whose cache
-    key is `proposals_key`); `detector`: its `backbone` (weights as loaded from the init checkpoint) and
-    `preprocess` give the features; `feature_identity`: what else decides those features (the init checkpoint's
+    key is `proposals_key`); `feature_detector()`, called only on a cache miss, gives the detector whose
+    `backbone` (weights as loaded from the init checkpoint) and `preprocess` give the features; `feature_identity`: what else decides those features (the init checkpoint's
     identity, the backbone's config); `pseudo_cfg`: `stage.pseudo_classes`.
     """
     params = check_params(pseudo_cfg)
@@ -210,7 +210,7 @@ def load_or_compute_pseudo_classes(
     if labels is None:
         log.info("pseudo-classes: clustering %d proposals into %d clusters", num_proposals, params["num_clusters"])
         features = proposal_features(
-            detector,
+            feature_detector(),
             dataset,
             proposals,
             feature_stride=params["feature_stride"],
@@ -250,9 +250,4 @@ def load_or_compute_pseudo_classes(
 def pseudo_classes_main_first(*args: Any, **kwargs: Any) -> tuple[dict[Any, np.ndarray], PseudoClassStats]:
     """`load_or_compute_pseudo_classes`: the main process computes (or reads) the cache first; the other ranks
     then read it."""
-    if is_main_process():
-        result = load_or_compute_pseudo_classes(*args, **kwargs)
-    barrier()
-    if not is_main_process():
-        result = load_or_compute_pseudo_classes(*args, **kwargs)
-    return result
+    return main_process_first(load_or_compute_pseudo_classes, *args, **kwargs)

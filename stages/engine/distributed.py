@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from stages.errors import UserError
+
+T = TypeVar("T")
 
 
 def export_slurm_environment() -> None:
@@ -57,6 +61,17 @@ def is_main_process() -> bool:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def main_process_first(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`fn(*args, **kwargs)` on the main process first, then on the other ranks: for a cache that the main process
+    writes and the others then read."""
+    if is_main_process():
+        result = fn(*args, **kwargs)
+    barrier()
+    if not is_main_process():
+        result = fn(*args, **kwargs)
+    return result
 
 
 def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:

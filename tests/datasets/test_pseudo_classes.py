@@ -64,7 +64,7 @@ def compute():
         return load_or_compute_pseudo_classes(
             TinyImages(),
             PROPOSALS,
-            detector,
+            lambda: detector,
             {**base, "num_clusters": NUM_CLUSTERS, **changes},
             seed,
             cache_dir,

@@ -22,7 +22,8 @@ def proposal_targets(boxes: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]
     return [{"boxes": b, "labels": torch.zeros(len(b), dtype=torch.int64), "ids": torch.arange(len(b))} for b in boxes]
 
 
-def wrap(detector: torch.nn.Module, freeze_backbone: bool = True) -> AlignDet:
+def wrap(detector: torch.nn.Module, freeze_backbone: bool = True, max_background: int = 0, **options: bool) -> AlignDet:
+    """AlignDet around `detector` with small test settings; `options` are its detr_* switches."""
     return AlignDet(
         detector,
         projector_hidden_dim=None,
@@ -31,7 +32,8 @@ def wrap(detector: torch.nn.Module, freeze_backbone: bool = True) -> AlignDet:
         base_momentum=0.996,
         contrastive_weight=1.0,
         freeze_backbone=freeze_backbone,
-        max_background=0,
+        max_background=max_background,
+        **options,
     )
 
 
@@ -284,16 +286,7 @@ def test_aligndet_hands_its_background_cap_to_the_detector():
     images, targets = two_tiny_images()
     proposals = proposal_targets([t["boxes"] for t in targets])
     for cap in (0, 5):
-        model = AlignDet(
-            detector,
-            projector_hidden_dim=None,
-            projector_out_dim=16,
-            temperature=0.5,
-            base_momentum=0.996,
-            contrastive_weight=1.0,
-            freeze_backbone=False,
-            max_background=cap,
-        )
+        model = wrap(detector, freeze_backbone=False, max_background=cap)
         assert model.options.max_background == cap
         with torch.no_grad():
             out = model.align_outputs(model.detector, images, proposals, with_losses=False)
@@ -517,17 +510,7 @@ def one_training_step(model: AlignDet) -> None:
 
 
 def test_aligndet_hands_pseudo_classes_to_the_detector_and_its_class_heads_learn():
-    model = AlignDet(
-        tiny_detr(num_classes=4),
-        projector_hidden_dim=None,
-        projector_out_dim=16,
-        temperature=0.5,
-        base_momentum=0.996,
-        contrastive_weight=1.0,
-        freeze_backbone=True,
-        max_background=0,
-        detr_pseudo_classes=True,
-    )
+    model = wrap(tiny_detr(num_classes=4), freeze_backbone=True, detr_pseudo_classes=True)
     assert model.options.pseudo_classes
     images, targets = two_tiny_images()
     proposals = pseudo_class_targets([t["boxes"] for t in targets], [[3], [1, 2]])
