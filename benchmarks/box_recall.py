@@ -26,7 +26,7 @@ from models.meta_arch.deformable_detr import DeformableDETR
 from stages.build import build_model
 from stages.data.build import build_dataset
 from stages.data.proposals import load_or_compute_proposals
-from stages.engine.checkpoint import load_state_into, read_checkpoint, resolve_checkpoint
+from stages.engine.checkpoint import load_into
 
 REPO = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO / "conf"
@@ -103,8 +103,7 @@ def main() -> None:
             raise SystemExit(f"model {type(model).__name__}: box_recall reads DETR-family decoders only")
         # Every tensor that fits, the box heads that fine-tuning would drop included: this measures the checkpoint
         # itself. Tensors it lacks (an image_pretrain's decoder) keep their seeded initialisation.
-        path = resolve_checkpoint(source)
-        load_state_into(model, read_checkpoint(path)["model"], str(path))
+        load_into(model, source, checkpoint_drops=False)
         values, total = recall(model_pairs(model.eval(), dataset), args.iou)
         print(f"{source[-60:]:<60}" + "".join(f"{values[t]:>14.1f}" for t in args.iou))
     if args.checkpoint:

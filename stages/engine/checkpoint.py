@@ -212,13 +212,20 @@ def load_state_into(
     return report
 
 
-def load_into(model: nn.Module, path_or_dir: str | Path, drop: Iterable[str] = (), min_loaded: int = 1) -> LoadReport:
+def load_into(
+    model: nn.Module,
+    path_or_dir: str | Path,
+    drop: Iterable[str] = (),
+    min_loaded: int = 1,
+    checkpoint_drops: bool = True,
+) -> LoadReport:
     """Load `init_from` weights into `model`, leaving out keys a `drop` pattern matches or one the checkpoint lists
-    under "drop_keys" (`drop_matches`); a checkpoint that fits nothing gives a UserError."""
+    under "drop_keys" (`drop_matches`; `checkpoint_drops=False` loads those too, to measure the checkpoint itself);
+    a checkpoint that fits nothing gives a UserError."""
     path = resolve_checkpoint(path_or_dir)
     payload = read_checkpoint(path)
     # A pre-training stage lists what must not go on (projectors, pseudo-classifiers) as "drop_keys".
-    drop = (*drop, *payload.get("drop_keys", []))
+    drop = (*drop, *(payload.get("drop_keys", []) if checkpoint_drops else []))
     report = load_state_into(model, payload["model"], str(path), drop)
     report.stage = payload.get("stage")
     report.categories = payload.get(CATEGORIES_KEY)

@@ -179,6 +179,8 @@ def test_load_report_lists_the_drop_patterns_of_the_caller_and_the_checkpoint(tm
     assert report.dropped == {"backbone": 1, "head": 1} and report.loaded == {"backbone": 1, "head": 1}
     assert report.as_dict()["drop_patterns"] == report.drop_patterns
     assert report.table().splitlines()[-1] == "dropped by: backbone.b, head.*ight"
+    whole = load_into(Regressor(), tmp_path, checkpoint_drops=False)
+    assert whole.drop_patterns == [] and whole.loaded == {"backbone": 2, "head": 2}
 
 
 def test_checkpoint_that_fits_nothing_is_refused(tmp_path):
