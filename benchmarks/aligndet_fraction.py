@@ -1,31 +1,39 @@
 """AlignDet's data-fraction table in miniature: fine-tune on a fraction of the labelled images starting from
-(a) the image-domain backbone only or (b) the box-pretrained detector, with the same fine-tuning budget.
+(a) the image-domain backbone only or (b) the box-pretrained detector, with the same fine-tuning budget, over
+several fine-tuning seeds.
 
-    python benchmarks/aligndet_fraction.py --out DIR [--fractions 0.05 0.1 1.0] [--image-iters N] [--box-iters N]
-        [--finetune-iters N [N ...]] [--data-dir DIR] [--backbone-labels all|fraction] [--image-args ...]
-        [--box-args ...] [--finetune-args ...] [-- overrides]
+    python benchmarks/aligndet_fraction.py --out DIR [--fractions 0.05 0.1 1.0] [--seeds 0 1 2] [--subset-seed 0]
+        --image-iters N --box-iters N --finetune-iters N [N ...] [--data-dir DIR] [--backbone-labels all|fraction]
+        [--image-args ...] [--box-setting NAME [overrides ...]]... [--finetune-args ...] [-- overrides]
 
 Every step is a `python run.py` subprocess, in this order:
 1. `stage=image_pretrain` (BYOL on the training images by default) -> DIR/pretrain/image_pretrain;
-2. `stage=box_pretrain stage.init_from=DIR/pretrain/image_pretrain` -> DIR/pretrain/box_pretrain
-   (labels unused: AlignDet on all training images);
-3. for each fraction f and start s in {image, box}: `stage=finetune data.fraction=f stage.init_from=<s's dir>`
-   then `stage=eval`, in DIR/<s>_f<f>/ (DIR/<s>_f<f>_it<n>/ when --finetune-iters lists several budgets: one row
-   per fraction and budget, to see how the gain changes with the fine-tuning length).
+2. per box setting NAME: `stage=box_pretrain stage.init_from=DIR/pretrain/image_pretrain <its overrides>` ->
+   DIR/pretrain/box_NAME/box_pretrain (labels unused: AlignDet on all training images);
+3. for each fraction f, seed s and start in {image, box_NAME...}: `stage=finetune data.fraction=f seed=s
+   stage.init_from=<the start's dir>` then `stage=eval`, in DIR/<start>_f<f>_s<s>/ (`_it<n>` added when
+   --finetune-iters lists several budgets).
+Every run gets `data.subset_seed=<--subset-seed>`, so all seeds fine-tune on the same labelled images; the
+pre-training steps run once with `seed=<--subset-seed>`, so all seeds start from the same weights and only the
+fine-tuning seed (head init, data order, augmentation) varies. Without --box-setting there is one setting, `box`,
+with no overrides.
 With `--backbone-labels fraction`, steps 1 and 2 run once per fraction, in DIR/pretrain_f<f>/, and image_pretrain
 gets `data.fraction=f`: a supervised image-domain backbone then sees only the labels that fraction fine-tunes on,
 as in the paper, where the backbone never saw the detection labels. box_pretrain still reads every training image
 (it uses no labels). `all` (the default) pre-trains once on every image, labels included when the method uses them.
-The overrides after `--` go to every run (e.g. `model=co_deformable_detr trainer.batch_size=4`); --image-args,
---box-args and --finetune-args go to that stage only (e.g. `--box-args trainer.optimizer.lr=1e-4`). A step whose
-summary.json already exists is reused, so an interrupted table resumes. Prints AP and AP50 (COCO, percent) per
-cell and the gain of (b) over (a); the table is also written to DIR/table.md.
+The overrides after `--` go to every run (e.g. `model=co_deformable_detr trainer.batch_size=4`); --image-args and
+--finetune-args go to that stage only. A step whose summary.json already exists is reused, so an interrupted table
+resumes, and a second call with more fractions or seeds only runs the new cells. Prints, per fraction, budget and
+start, the mean and sample standard deviation of AP and AP50 (COCO, percent) over the seeds and the gain of each
+box setting over (a) with its standard error (sqrt(sd_a^2/n_a + sd_b^2/n_b)); DIR/table.md holds the table and
+DIR/table.json every seed's numbers.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -33,7 +41,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-STARTS = ("image", "box")
+IMAGE_START = "image"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -45,6 +53,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder for every run and the table")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.1, 1.0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="fine-tuning seeds of every cell")
+    p.add_argument("--subset-seed", type=int, default=0, help="data.subset_seed, and the pre-training stages' seed")
     p.add_argument("--image-iters", type=int, required=True, help="image_pretrain iterations")
     p.add_argument("--box-iters", type=int, required=True, help="box_pretrain iterations")
     p.add_argument(
@@ -58,10 +68,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="image_pretrain on every training image (all) or on each fraction's images only (fraction)",
     )
     p.add_argument("--image-args", nargs="*", default=[], help="overrides for image_pretrain only")
-    p.add_argument("--box-args", nargs="*", default=[], help="overrides for box_pretrain only")
+    p.add_argument(
+        "--box-setting",
+        nargs="+",
+        action="append",
+        metavar=("NAME", "OVERRIDE"),
+        help="a box_pretrain setting: its name, then its overrides (repeat for several settings)",
+    )
     p.add_argument("--finetune-args", nargs="*", default=[], help="overrides for finetune only")
     args = p.parse_args(argv)
     args.common = common
+    args.box_settings = {name: overrides for name, *overrides in (args.box_setting or [["box"]])}
+    if IMAGE_START in args.box_settings:
+        p.error(f"--box-setting: the name {IMAGE_START!r} is the image-backbone start; pick another")
     return args
 
 
@@ -72,7 +91,7 @@ def run_stage(stage: str, run_dir: Path, overrides: list[str], args: argparse.Na
         print(f"[reuse] {summary}", flush=True)
         return json.loads(summary.read_text())
     command = [sys.executable, str(REPO / "run.py"), f"stage={stage}", *args.common, *overrides]
-    command.append(f"hydra.run.dir={run_dir}")
+    command += [f"data.subset_seed={args.subset_seed}", f"hydra.run.dir={run_dir}"]
     if args.data_dir is not None:
         command.append(f"paths.data_dir={args.data_dir}")
     print("[run]", " ".join(command[1:]), flush=True)
@@ -87,69 +106,97 @@ def run_stage(stage: str, run_dir: Path, overrides: list[str], args: argparse.Na
 
 
 def pretrain(out: Path, fraction: float | None, args: argparse.Namespace) -> tuple[dict[str, Path], dict]:
-    """image_pretrain then box_pretrain into `out`; image_pretrain on `fraction` of the images when given.
-    Returns the init dir of each start and box_pretrain's summary."""
+    """image_pretrain, then box_pretrain per box setting, into `out`; image_pretrain on `fraction` of the images
+    when given. Returns the init dir of each start and the box_pretrain summaries."""
+    seed = [f"seed={args.subset_seed}"]
     image_args = [] if fraction is None else [f"data.fraction={fraction}"]
-    run_stage("image_pretrain", out, [f"trainer.max_iters={args.image_iters}", *image_args, *args.image_args], args)
-    image_dir = out / "image_pretrain"
-    box = run_stage(
-        "box_pretrain",
-        out,
-        [f"trainer.max_iters={args.box_iters}", f"stage.init_from={image_dir}", *args.box_args],
-        args,
-    )
-    return {"image": image_dir, "box": out / "box_pretrain"}, box
+    image = [f"trainer.max_iters={args.image_iters}", *seed, *image_args, *args.image_args]
+    run_stage("image_pretrain", out, image, args)
+    inits = {IMAGE_START: out / "image_pretrain"}
+    boxes = {}
+    for name, overrides in args.box_settings.items():
+        box_args = [f"trainer.max_iters={args.box_iters}", *seed, f"stage.init_from={inits[IMAGE_START]}"]
+        boxes[name] = run_stage("box_pretrain", out / f"box_{name}", [*box_args, *overrides], args)
+        inits[name] = out / f"box_{name}" / "box_pretrain"
+    return inits, boxes
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def gain(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean of b minus mean of a, and its standard error."""
+    (mean_a, sd_a), (mean_b, sd_b) = mean_sd(a), mean_sd(b)
+    return mean_b - mean_a, math.sqrt(sd_a**2 / len(a) + sd_b**2 / len(b))
 
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     out = args.out.resolve()
+    starts = [IMAGE_START, *args.box_settings]
     if args.backbone_labels == "all":
         shared = pretrain(out / "pretrain", None, args)
 
-    rows = []
+    cells = []
     for fraction in args.fractions:
-        if args.backbone_labels == "all":
-            inits, box = shared
-        else:
-            inits, box = pretrain(out / f"pretrain_f{fraction:g}", fraction, args)
+        inits, boxes = (
+            shared if args.backbone_labels == "all" else pretrain(out / f"pretrain_f{fraction:g}", fraction, args)
+        )
         for iters in args.finetune_iters:
-            cell = {}
-            for start in STARTS:
-                name = f"{start}_f{fraction:g}" + (f"_it{iters}" if len(args.finetune_iters) > 1 else "")
-                run_dir = out / name
-                ft = run_stage(
-                    "finetune",
-                    run_dir,
-                    [
+            runs = {start: [] for start in starts}
+            for seed in args.seeds:
+                # Seed-major order: an interrupted table still has whole seeds for every start.
+                for start in starts:
+                    name = f"{start}_f{fraction:g}" + (f"_it{iters}" if len(args.finetune_iters) > 1 else "")
+                    run_dir = out / f"{name}_s{seed}"
+                    finetune = [
                         f"data.fraction={fraction}",
+                        f"seed={seed}",
                         f"trainer.max_iters={iters}",
                         f"stage.init_from={inits[start]}",
                         *args.finetune_args,
-                    ],
-                    args,
-                )
-                run_stage("eval", run_dir, [f"stage.init_from={run_dir / 'finetune'}"], args)
-                metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())["bbox"]
-                cell[start] = (metrics["AP"], metrics["AP50"], ft["num_train_images"])
-            rows.append((fraction, iters, cell))
+                    ]
+                    ft = run_stage("finetune", run_dir, finetune, args)
+                    run_stage("eval", run_dir, [f"stage.init_from={run_dir / 'finetune'}"], args)
+                    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())["bbox"]
+                    runs[start].append(
+                        {"seed": seed, "AP": metrics["AP"], "AP50": metrics["AP50"], "images": ft["num_train_images"]}
+                    )
+            cells.append({"fraction": fraction, "finetune_iters": iters, "runs": runs})
 
+    box_iters = {name: summary["iterations"] for name, summary in boxes.items()}
     lines = [
-        f"box_pretrain: {box['iterations']} iterations on {box['num_train_images']} images; image_pretrain "
-        f"{args.image_iters} iterations on the labels of {args.backbone_labels} images; overrides {args.common}",
+        f"box_pretrain {box_iters} iterations on {next(iter(boxes.values()))['num_train_images']} images, settings "
+        f"{args.box_settings}; image_pretrain {args.image_iters} iterations on the labels of {args.backbone_labels} "
+        f"images; finetune seeds {args.seeds} on subset seed {args.subset_seed}; overrides {args.common}",
         "",
-        "| fraction | images | finetune iters | AP (a) image | AP (b) box | gain AP | AP50 (a) | AP50 (b) | gain AP50 |",
+        "| fraction | images | finetune iters | start | seeds | AP mean +- sd | AP50 mean +- sd | gain AP +- SE | "
+        "gain > 2 SE |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for fraction, iters, cell in rows:
-        (ap_a, ap50_a, n), (ap_b, ap50_b, _) = cell["image"], cell["box"]
-        lines.append(
-            f"| {fraction:g} | {n} | {iters} | {ap_a:.1f} | {ap_b:.1f} | {ap_b - ap_a:+.1f} | {ap50_a:.1f} | "
-            f"{ap50_b:.1f} | {ap50_b - ap50_a:+.1f} |"
-        )
+    for cell in cells:
+        image_ap = [r["AP"] for r in cell["runs"][IMAGE_START]]
+        for start in starts:
+            runs = cell["runs"][start]
+            ap, ap50 = mean_sd([r["AP"] for r in runs]), mean_sd([r["AP50"] for r in runs])
+            if start == IMAGE_START:
+                gain_text, significant = "", ""
+            else:
+                delta, se = gain(image_ap, [r["AP"] for r in runs])
+                gain_text, significant = f"{delta:+.1f} +- {se:.1f}", "yes" if delta > 2 * se else "no"
+            lines.append(
+                f"| {cell['fraction']:g} | {runs[0]['images']} | {cell['finetune_iters']} | {start} | {len(runs)} | "
+                f"{ap[0]:.1f} +- {ap[1]:.1f} | {ap50[0]:.1f} +- {ap50[1]:.1f} | {gain_text} | {significant} |"
+            )
     table = "\n".join(lines)
     print("\n" + table)
     (out / "table.md").write_text(table + "\n")
+    (out / "table.json").write_text(json.dumps({"settings": args.box_settings, "cells": cells}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
