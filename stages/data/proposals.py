@@ -12,7 +12,6 @@ import json
 import logging
 import multiprocessing
 import os
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from stages.engine.distributed import main_process_first
+from stages.engine.files import atomic_write_text, read_keyed_cache
 from stages.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -263,26 +263,13 @@ def _cache_key(dataset: Any, params: Mapping[str, Any]) -> str:
 
 def _read_cache(path: Path, key: str, image_ids: list) -> list[list[list[float]]] | None:
     """The stored boxes if `path` holds a cache for exactly this key and these image ids, else None."""
-    if not path.is_file():
-        return None
-    try:
-        payload = json.loads(path.read_text())
-        stored_key, stored_ids, boxes = payload["key"], payload["image_ids"], payload["boxes"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        log.warning("proposals: cache %s is unreadable (%s); rebuilding it", path, err)
-        return None
-    if stored_key != key or stored_ids != image_ids or len(boxes) != len(image_ids):
-        log.warning("proposals: cache %s does not match this dataset and parameters; rebuilding it", path)
+    boxes = read_keyed_cache(path, key, image_ids, "boxes", "proposals")
+    if boxes is not None and len(boxes) != len(image_ids):
+        log.warning(
+            "proposals: cache %s has %d box lists for %d images; rebuilding it", path, len(boxes), len(image_ids)
+        )
         return None
     return boxes
-
-
-def _write_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as f:
-        json.dump(payload, f)
-        tmp_name = f.name
-    os.replace(tmp_name, path)
 
 
 def _compute_all(dataset: Any, params: dict[str, Any], num_workers: int, start_method: str) -> list:
@@ -361,7 +348,7 @@ def load_or_compute_proposals(
             "image_ids": image_ids,
             "boxes": boxes,
         }
-        _write_atomic(path, payload)
+        atomic_write_text(path, json.dumps(payload))
     seconds = time.perf_counter() - start
 
     proposals = {

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align
 
 from stages.engine.distributed import main_process_first
-from stages.engine.files import atomic_write_text
+from stages.engine.files import atomic_write_text, read_keyed_cache
 from stages.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -160,16 +160,9 @@ def _cache_key(proposals_key: str, feature_identity: Mapping[str, Any], params: 
 
 def _read_cache(path: Path, key: str, image_ids: list, counts: list[int]) -> list[list[int]] | None:
     """The stored ids if `path` holds a cache for exactly this key, these images and proposal counts, else None."""
-    if not path.is_file():
-        return None
-    try:
-        payload = json.loads(path.read_text())
-        stored_key, stored_ids, labels = payload["key"], payload["image_ids"], payload["labels"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        log.warning("pseudo-classes: cache %s is unreadable (%s); rebuilding it", path, err)
-        return None
-    if stored_key != key or stored_ids != image_ids or [len(x) for x in labels] != counts:
-        log.warning("pseudo-classes: cache %s does not match these proposals and parameters; rebuilding it", path)
+    labels = read_keyed_cache(path, key, image_ids, "labels", "pseudo-classes")
+    if labels is not None and [len(x) for x in labels] != counts:
+        log.warning("pseudo-classes: cache %s does not match these proposals; rebuilding it", path)
         return None
     return labels
 

@@ -1,15 +1,17 @@
-"""Files written so that a kill never leaves them half-written, and a lock for work only one process may do."""
+"""Files written so that a kill never leaves them half-written, keyed JSON caches read back only when they match,
+and a lock for work only one process may do."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 log = logging.getLogger("detpipe")
 
@@ -38,6 +40,23 @@ def atomic_write_bytes(path: Path, write: Callable[[BinaryIO], object]) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def read_keyed_cache(path: Path, key: str, image_ids: list, field: str, what: str) -> Any | None:
+    """`payload[field]` of the JSON cache at `path` if it was written for exactly this key and these image ids,
+    else None: missing, unreadable (logged) or stale (logged; `what` names the cache in the log)."""
+    if not path.is_file():
+        return None
+    try:
+        payload = json.loads(path.read_text())
+        stored_key, stored_ids, value = payload["key"], payload["image_ids"], payload[field]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        log.warning("%s: cache %s is unreadable (%s); rebuilding it", what, path, err)
+        return None
+    if stored_key != key or stored_ids != image_ids:
+        log.warning("%s: cache %s does not match these images and parameters; rebuilding it", what, path)
+        return None
+    return value
 
 
 @contextlib.contextmanager
