@@ -4,19 +4,23 @@ several fine-tuning seeds.
 
     python benchmarks/aligndet_fraction.py --out DIR [--fractions 0.05 0.1 1.0] [--seeds 0 1 2] [--subset-seed 0]
         --image-iters N --box-iters N --finetune-iters N [N ...] [--data-dir DIR] [--backbone-labels all|fraction]
-        [--image-args ...] [--box-setting NAME [overrides ...]]... [--finetune-args ...] [-- overrides]
+        [--image-args ...] [--image-setting NAME [overrides ...]]... [--box-setting NAME [overrides ...]]...
+        [--finetune-args ...] [-- overrides]
 
 Every step is a `python run.py` subprocess, in this order:
 1. `stage=image_pretrain` (BYOL on the training images by default) -> DIR/pretrain/image_pretrain;
-2. per box setting NAME: `stage=box_pretrain stage.init_from=DIR/pretrain/image_pretrain <its overrides>` ->
+2. per image setting NAME (a control: more image-domain training for the same budget as box pre-training):
+   `stage=image_pretrain stage.init_from=DIR/pretrain/image_pretrain <its overrides>` -> DIR/pretrain/NAME/
+   image_pretrain (only its own overrides: it reads every training image unless they say otherwise);
+3. per box setting NAME: `stage=box_pretrain stage.init_from=DIR/pretrain/image_pretrain <its overrides>` ->
    DIR/pretrain/box_NAME/box_pretrain (labels unused: AlignDet on all training images);
-3. for each fraction f, seed s and start in {image, box_NAME...}: `stage=finetune data.fraction=f seed=s
+4. for each fraction f, seed s and start in {image, NAME..., box_NAME...}: `stage=finetune data.fraction=f seed=s
    stage.init_from=<the start's dir>` then `stage=eval`, in DIR/<start>_f<f>_s<s>/ (`_it<n>` added when
    --finetune-iters lists several budgets).
 Every run gets `data.subset_seed=<--subset-seed>`, so all seeds fine-tune on the same labelled images; the
 pre-training steps run once with `seed=<--subset-seed>`, so all seeds start from the same weights and only the
-fine-tuning seed (head init, data order, augmentation) varies. Without --box-setting there is one setting, `box`,
-with no overrides.
+fine-tuning seed (head init, data order, augmentation) varies. Without --box-setting and --image-setting there is
+one box setting, `box`, with no overrides.
 With `--backbone-labels fraction`, steps 1 and 2 run once per fraction, in DIR/pretrain_f<f>/, and image_pretrain
 gets `data.fraction=f`: a supervised image-domain backbone then sees only the labels that fraction fine-tunes on,
 as in the paper, where the backbone never saw the detection labels. box_pretrain still reads every training image
@@ -69,6 +73,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--image-args", nargs="*", default=[], help="overrides for image_pretrain only")
     p.add_argument(
+        "--image-setting",
+        nargs="+",
+        action="append",
+        metavar=("NAME", "OVERRIDE"),
+        help="a second image_pretrain from the first: its name, then its overrides (repeat for several)",
+    )
+    p.add_argument(
         "--box-setting",
         nargs="+",
         action="append",
@@ -78,9 +89,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--finetune-args", nargs="*", default=[], help="overrides for finetune only")
     args = p.parse_args(argv)
     args.common = common
-    args.box_settings = {name: overrides for name, *overrides in (args.box_setting or [["box"]])}
-    if IMAGE_START in args.box_settings:
-        p.error(f"--box-setting: the name {IMAGE_START!r} is the image-backbone start; pick another")
+    args.image_settings = {name: overrides for name, *overrides in (args.image_setting or [])}
+    default_box = [] if args.image_setting else [["box"]]
+    args.box_settings = {name: overrides for name, *overrides in (args.box_setting or default_box)}
+    names = [IMAGE_START, *args.image_settings, *args.box_settings]
+    if len(set(names)) < len(names):
+        p.error(f"--image-setting / --box-setting: names must differ from each other and from {IMAGE_START!r}")
     return args
 
 
@@ -106,13 +120,17 @@ def run_stage(stage: str, run_dir: Path, overrides: list[str], args: argparse.Na
 
 
 def pretrain(out: Path, fraction: float | None, args: argparse.Namespace) -> tuple[dict[str, Path], dict]:
-    """image_pretrain, then box_pretrain per box setting, into `out`; image_pretrain on `fraction` of the images
-    when given. Returns the init dir of each start and the box_pretrain summaries."""
+    """image_pretrain, then a second image_pretrain per image setting and box_pretrain per box setting (both from
+    the first), into `out`; the first image_pretrain on `fraction` of the images when given. Returns the init dir of
+    each start and the box_pretrain summaries."""
     seed = [f"seed={args.subset_seed}"]
     image_args = [] if fraction is None else [f"data.fraction={fraction}"]
     image = [f"trainer.max_iters={args.image_iters}", *seed, *image_args, *args.image_args]
     run_stage("image_pretrain", out, image, args)
     inits = {IMAGE_START: out / "image_pretrain"}
+    for name, overrides in args.image_settings.items():
+        run_stage("image_pretrain", out / name, [*seed, f"stage.init_from={inits[IMAGE_START]}", *overrides], args)
+        inits[name] = out / name / "image_pretrain"
     boxes = {}
     for name, overrides in args.box_settings.items():
         box_args = [f"trainer.max_iters={args.box_iters}", *seed, f"stage.init_from={inits[IMAGE_START]}"]
@@ -138,7 +156,7 @@ def gain(a: list[float], b: list[float]) -> tuple[float, float]:
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     out = args.out.resolve()
-    starts = [IMAGE_START, *args.box_settings]
+    starts = [IMAGE_START, *args.image_settings, *args.box_settings]
     if args.backbone_labels == "all":
         shared = pretrain(out / "pretrain", None, args)
 
@@ -170,10 +188,14 @@ def main(argv: list[str]) -> None:
             cells.append({"fraction": fraction, "finetune_iters": iters, "runs": runs})
 
     box_iters = {name: summary["iterations"] for name, summary in boxes.items()}
+    box_text = ""
+    if boxes:
+        box_images = next(iter(boxes.values()))["num_train_images"]
+        box_text = f"box_pretrain {box_iters} iterations on {box_images} images, settings {args.box_settings}; "
     lines = [
-        f"box_pretrain {box_iters} iterations on {next(iter(boxes.values()))['num_train_images']} images, settings "
-        f"{args.box_settings}; image_pretrain {args.image_iters} iterations on the labels of {args.backbone_labels} "
-        f"images; finetune seeds {args.seeds} on subset seed {args.subset_seed}; overrides {args.common}",
+        f"{box_text}image_pretrain {args.image_iters} iterations on the labels of {args.backbone_labels} images, "
+        f"then image settings {args.image_settings}; finetune seeds {args.seeds} on subset seed {args.subset_seed}; "
+        f"overrides {args.common}",
         "",
         "| fraction | images | finetune iters | start | seeds | AP mean +- sd | AP50 mean +- sd | gain AP +- SE | "
         "gain > 2 SE |",
@@ -196,7 +218,10 @@ def main(argv: list[str]) -> None:
     table = "\n".join(lines)
     print("\n" + table)
     (out / "table.md").write_text(table + "\n")
-    (out / "table.json").write_text(json.dumps({"settings": args.box_settings, "cells": cells}, indent=1) + "\n")
+    (out / "table.json").write_text(
+        json.dumps({"image_settings": args.image_settings, "settings": args.box_settings, "cells": cells}, indent=1)
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The data-fraction benchmark's statistics and its box-setting arguments."""
+"""The data-fraction benchmark's statistics and its image- and box-setting arguments."""
 
 import math
 
@@ -26,3 +26,14 @@ def test_box_settings_are_named_override_lists_after_which_common_overrides_foll
     assert parse_args(base).box_settings == {"box": []}
     with pytest.raises(SystemExit):
         parse_args([*base, "--box-setting", "image"])
+
+
+def test_image_settings_replace_the_default_box_setting_and_need_their_own_names():
+    base = ["--out", "o", "--image-iters", "1", "--box-iters", "1", "--finetune-iters", "1"]
+    args = parse_args([*base, "--image-setting", "ssl", "stage.method=self_supervised", "trainer.max_iters=8"])
+    assert args.image_settings == {"ssl": ["stage.method=self_supervised", "trainer.max_iters=8"]}
+    assert args.box_settings == {}
+    both = parse_args([*base, "--image-setting", "ssl", "--box-setting", "frozen"])
+    assert (both.image_settings, both.box_settings) == ({"ssl": []}, {"frozen": []})
+    with pytest.raises(SystemExit):
+        parse_args([*base, "--image-setting", "x", "--box-setting", "x"])
