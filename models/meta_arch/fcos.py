@@ -32,16 +32,36 @@ from models.pretrain.align_outputs import (
     with_background,
 )
 
+REGRESSION_ACTIVATIONS = ("relu", "exp")
+
+
+class ExpConv2d(nn.Conv2d):
+    """A convolution whose output goes through exp: FCOS's distance regressor as mmdet's FCOSHead
+    (norm_on_bbox=False) and the AlignDet reference have it. torchvision's head applies relu after it, which leaves
+    exp's positive output unchanged, so this swaps the activation without touching the head's forward or its
+    state-dict keys."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x).exp()
+
 
 class ConfigurableNormFCOSHead(FCOSHead):
-    """torchvision's FCOSHead with the towers' normalisation chosen here (FCOSHead fixes GroupNorm(32))."""
+    """torchvision's FCOSHead with the towers' normalisation (FCOSHead fixes GroupNorm(32)) and the distance
+    regressor's activation chosen here: relu (torchvision) or exp (see ExpConv2d)."""
 
-    def __init__(self, in_channels: int, num_classes: int, num_convs: int, norm_layer) -> None:
+    def __init__(
+        self, in_channels: int, num_classes: int, num_convs: int, norm_layer, regression_activation: str
+    ) -> None:
         # FCOSHead.__init__ would build GroupNorm(32) towers first; set up the same three members directly.
         nn.Module.__init__(self)
         self.box_coder = BoxLinearCoder(normalize_by_size=True)
         self.classification_head = FCOSClassificationHead(in_channels, 1, num_classes, num_convs, norm_layer=norm_layer)
         self.regression_head = FCOSRegressionHead(in_channels, 1, num_convs, norm_layer=norm_layer)
+        if regression_activation == "exp":
+            relu_regressor = self.regression_head.bbox_reg
+            exp_regressor = ExpConv2d(in_channels, 4, kernel_size=3, stride=1, padding=1)
+            exp_regressor.load_state_dict(relu_regressor.state_dict())  # torchvision's init: N(0, 0.01), bias 0
+            self.regression_head.bbox_reg = exp_regressor
 
 
 class FCOSDetector(DenseFPNDetectorMixin, FCOS):
@@ -58,6 +78,9 @@ class FCOSDetector(DenseFPNDetectorMixin, FCOS):
             (low x s, high x s); the first level starts at 0, the last is unbounded (torchvision: 4, 8).
         score_thresh, nms_thresh, detections_per_img, topk_candidates: postprocessing (torchvision's meaning).
         loss_weights: {"classification", "bbox_regression", "bbox_ctrness"} -> weight.
+        regression_activation: "relu" (torchvision: distances start near 0 and, with GIoU's vanishing gradient for
+            tiny boxes, can stay there) or "exp" (mmdet's FCOSHead default and the AlignDet reference: distances
+            start near one stride), applied to the (l, t, r, b) outputs in strides.
         pixel_mean, pixel_std: RGB normalisation of the [0, 1] inputs; size_divisibility: batch padding.
 
     Training losses: `fcos/loss_classification` (focal), `fcos/loss_bbox_regression` (GIoU),
@@ -86,10 +109,15 @@ class FCOSDetector(DenseFPNDetectorMixin, FCOS):
         pixel_std: Sequence[float],
         size_divisibility: int,
         align_drop_keys: Sequence[str],
+        regression_activation: str,
     ) -> None:
+        if regression_activation not in REGRESSION_ACTIVATIONS:
+            raise ModelConfigError(
+                "regression_activation", f"got {regression_activation!r}; expected one of {REGRESSION_ACTIVATIONS}"
+            )
         strides = pyramid_strides(backbone, self.NUM_EXTRA_LEVELS)
         head = ConfigurableNormFCOSHead(
-            fpn_channels, num_classes, num_convs, group_norm(fpn_channels, head_norm_groups)
+            fpn_channels, num_classes, num_convs, group_norm(fpn_channels, head_norm_groups), regression_activation
         )
         super().__init__(
             backbone,

@@ -163,6 +163,23 @@ def test_fcos_matching_gives_torchvisions_losses():
     assert sum(int((m >= 0).sum()) for m in model.match(anchors, tv_targets, per_level)) > 0
 
 
+def test_fcos_exp_regression_starts_near_one_stride_and_keeps_the_state_dict_keys():
+    relu, exp = build("fcos"), build("fcos", ["model.detector.regression_activation=exp"])
+    assert relu.state_dict().keys() == exp.state_dict().keys()
+    images, _ = two_images()
+    image_list, _ = exp._prepare(images, None)
+    features = list(exp.pyramid(image_list.tensors).values())
+    with torch.no_grad():
+        relu_distances, _ = relu.head.regression_head(features)
+        exp_distances, _ = exp.head.regression_head(features)
+    # Same N(0, 0.01) weights: relu gives distances near 0 (half exactly 0), exp near 1 stride and never 0.
+    assert (relu_distances == 0).float().mean() > 0.2 and relu_distances.max() < 0.5
+    assert (exp_distances > 0.5).all() and (exp_distances < 2.0).all()
+    assert user_error_of("fcos", ["model.detector.regression_activation=sigmoid"]).startswith(
+        "model.detector.regression_activation: "
+    )
+
+
 def test_retinanet_matching_gives_torchvisions_losses():
     model = build("retinanet").train()
     images, targets = two_images()
