@@ -164,7 +164,8 @@ def test_fcos_matching_gives_torchvisions_losses():
 
 
 def test_fcos_exp_regression_starts_near_one_stride_and_keeps_the_state_dict_keys():
-    relu, exp = build("fcos"), build("fcos", ["model.detector.regression_activation=exp"])
+    relu = build("fcos", ["model.detector.regression_activation=relu"])
+    exp = build("fcos", ["model.detector.regression_activation=exp"])
     assert relu.state_dict().keys() == exp.state_dict().keys()
     images, _ = two_images()
     image_list, _ = exp._prepare(images, None)
