@@ -8,7 +8,7 @@ several fine-tuning seeds.
         [--finetune-args ...] [-- overrides]
 
 Every step is a `python run.py` subprocess, in this order:
-1. `stage=image_pretrain` (BYOL on the training images by default) -> DIR/pretrain/image_pretrain;
+1. `stage=image_pretrain` (MoCo v3 on the training images' proposal crops by default) -> DIR/pretrain/image_pretrain;
 2. per image setting NAME (a control: more image-domain training for the same budget as box pre-training):
    `stage=image_pretrain stage.init_from=DIR/pretrain/image_pretrain <its overrides>` -> DIR/pretrain/NAME/
    image_pretrain (only its own overrides: it reads every training image unless they say otherwise);
@@ -21,9 +21,9 @@ Every run gets `data.subset_seed=<--subset-seed>`, so all seeds fine-tune on the
 pre-training steps run once with `seed=<--subset-seed>`, so all seeds start from the same weights and only the
 fine-tuning seed (head init, data order, augmentation) varies. Without --box-setting and --image-setting there is
 one box setting, `box`, with no overrides.
-With `--backbone-labels fraction`, steps 1 and 2 run once per fraction, in DIR/pretrain_f<f>/, and image_pretrain
-gets `data.fraction=f`: a supervised image-domain backbone then sees only the labels that fraction fine-tunes on,
-as in the paper, where the backbone never saw the detection labels. box_pretrain still reads every training image
+With `--backbone-labels fraction`, steps 1 to 3 run once per fraction, in DIR/pretrain_f<f>/, and the first
+image_pretrain gets `data.fraction=f`: a supervised image-domain backbone then sees only the labels that fraction
+fine-tunes on, as in the paper, where the backbone never saw the detection labels. box_pretrain still reads every training image
 (it uses no labels). `all` (the default) pre-trains once on every image, labels included when the method uses them.
 The overrides after `--` go to every run (e.g. `model=co_deformable_detr trainer.batch_size=4`); --image-args and
 --finetune-args go to that stage only. A step whose summary.json already exists is reused, so an interrupted table
