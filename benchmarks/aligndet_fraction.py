@@ -25,12 +25,12 @@ With `--backbone-labels fraction`, steps 1 to 3 run once per fraction, in DIR/pr
 image_pretrain gets `data.fraction=f`: a supervised image-domain backbone then sees only the labels that fraction
 fine-tunes on, as in the paper, where the backbone never saw the detection labels. box_pretrain still reads every
 training image (it uses no labels). `all` (the default) pre-trains once on every image, labels included when the
-method uses them. The overrides after `--` go to every run (e.g. `model=co_deformable_detr trainer.batch_size=4`); --image-args and
---finetune-args go to that stage only. A step whose summary.json already exists is reused, so an interrupted table
-resumes, and a second call with more fractions or seeds only runs the new cells. Prints, per fraction, budget and
-start, the mean and sample standard deviation of AP and AP50 (COCO, percent) over the seeds and the gain of each
-box setting over (a) with its standard error (sqrt(sd_a^2/n_a + sd_b^2/n_b)); DIR/table.md holds the table and
-DIR/table.json every seed's numbers.
+method uses them. The overrides after `--` go to every run (e.g. `model=co_deformable_detr trainer.batch_size=4`);
+--image-args and --finetune-args go to that stage only. A step whose summary.json already exists is reused, so an
+interrupted table resumes, and a second call with more fractions or seeds only runs the new cells. Prints, per
+fraction, budget and start, the mean and sample standard deviation of AP and AP50 (COCO, percent) over the seeds and
+the gain of each other start over (a) with its standard error (sqrt(sd_a^2/n_a + sd_b^2/n_b)); DIR/table.md holds
+the table and DIR/table.json every seed's numbers.
 """
 
 from __future__ import annotations
