@@ -58,9 +58,9 @@ class ConfigurableNormFCOSHead(FCOSHead):
         self.classification_head = FCOSClassificationHead(in_channels, 1, num_classes, num_convs, norm_layer=norm_layer)
         self.regression_head = FCOSRegressionHead(in_channels, 1, num_convs, norm_layer=norm_layer)
         if regression_activation == "exp":
-            relu_regressor = self.regression_head.bbox_reg
-            exp_regressor = ExpConv2d(in_channels, 4, kernel_size=3, stride=1, padding=1)
-            exp_regressor.load_state_dict(relu_regressor.state_dict())  # torchvision's init: N(0, 0.01), bias 0
+            conv = self.regression_head.bbox_reg
+            exp_regressor = ExpConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding)
+            exp_regressor.load_state_dict(conv.state_dict())  # torchvision's init: N(0, 0.01), bias 0
             self.regression_head.bbox_reg = exp_regressor
 
 
