@@ -34,20 +34,21 @@ def ms_deform_attn_sample(
     batch, _, heads, head_dim = value.shape
     _, queries, _, levels, points, _ = locations.shape
     out_dtype = value.dtype
-    value = value.float()
-    grids = 2 * locations.float() - 1  # grid_sample wants [-1, 1]
-    per_level = value.split([h * w for h, w in spatial_shapes], dim=1)
-    sampled = []
+    # Each level's operands are made contiguous once, up front, and each level's weighted sum is added to the
+    # output as soon as it is sampled: stacking the levels' samples ([B*H, Dh, Q, L, P], the step's largest
+    # tensor) and reducing across a strided level axis cost more than the sampling itself on CPU.
+    # [B, S, H, Dh] -> [B*H, Dh, S]: one copy, then each level is a view.
+    value = value.float().permute(0, 2, 3, 1).reshape(batch * heads, head_dim, -1)
+    per_level = value.split([h * w for h, w in spatial_shapes], dim=-1)
+    # [B, Q, H, L, P, 2] -> [L, B*H, Q, P, 2] in grid_sample's [-1, 1].
+    grids = (2 * locations.float() - 1).permute(3, 0, 2, 1, 4, 5).reshape(levels, batch * heads, queries, points, 2)
+    # [B, Q, H, L, P] -> [L, B*H, 1, Q, P], to broadcast over Dh.
+    level_weights = weights.float().permute(3, 0, 2, 1, 4).reshape(levels, batch * heads, 1, queries, points)
+    out = value.new_zeros(())
     for level, (h, w) in enumerate(spatial_shapes):
-        # [B, h*w, H, Dh] -> [B*H, Dh, h, w]
-        v = per_level[level].flatten(2).transpose(1, 2).reshape(batch * heads, head_dim, h, w)
-        # [B, Q, H, P, 2] -> [B*H, Q, P, 2]
-        g = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
-        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
-    # [B*H, Dh, Q, L, P] x [B*H, 1, Q, L, P] summed over (L, P)
-    stacked = torch.stack(sampled, dim=-2)
-    w = weights.float().transpose(1, 2).reshape(batch * heads, 1, queries, levels, points)
-    out = (stacked * w).sum((-1, -2))
+        v = per_level[level].view(batch * heads, head_dim, h, w)
+        sampled = F.grid_sample(v, grids[level], mode="bilinear", padding_mode="zeros", align_corners=False)
+        out = out + (sampled * level_weights[level]).sum(-1)  # [B*H, Dh, Q]
     return out.view(batch, heads * head_dim, queries).transpose(1, 2).to(out_dtype)
 
 
@@ -139,18 +140,29 @@ class MSDeformAttn(nn.Module):
             value = value.masked_fill(padding_mask[..., None], 0.0)
         value = value.view(batch, num_values, heads, self.d_model // heads)
         # Sampling locations in float32: half precision would misplace them by a fraction of a pixel.
-        offsets = self.sampling_offsets(query).float().view(batch, num_queries, heads, levels, points, 2)
+        offsets = self.sampling_offsets(query).float().view(batch, num_queries, heads, levels * points * 2)
         weights = self.attention_weights(query).float().view(batch, num_queries, heads, levels * points)
         weights = weights.softmax(-1).view(batch, num_queries, heads, levels, points)
-        ref = reference_points.float()[:, :, None, :, None, :]
-        if reference_points.shape[-1] == 2:
-            # Offsets are in pixels of each level: divide by (w, h).
+        ref = reference_points.float()
+        # locations = centre + offsets * scale, both per (level, x/y): broadcast over points before the one
+        # multiply-add over all heads (a broadcast on the innermost axes runs several times slower on CPU).
+        if ref.shape[-1] == 2:
+            # Offsets are in pixels of each level: scale by 1 / (w, h).
+            centre = ref
             normalizer = size_table([(w, h) for h, w in spatial_shapes], offsets, torch.float32)
-            locations = ref + offsets / normalizer[None, None, None, :, None, :]
-        elif reference_points.shape[-1] == 4:
-            locations = ref[..., :2] + offsets / points * ref[..., 2:] * 0.5
+            scale = normalizer.reciprocal()[None, None]
+        elif ref.shape[-1] == 4:
+            # Offsets are in units of half the reference box per point.
+            centre, scale = ref[..., :2], ref[..., 2:] * (0.5 / points)
         else:
-            raise ValueError(f"MSDeformAttn: reference_points last dim {reference_points.shape[-1]}; expected 2 or 4")
+            raise ValueError(f"MSDeformAttn: reference_points last dim {ref.shape[-1]}; expected 2 or 4")
+
+        def per_point(t: Tensor) -> Tensor:
+            # [B or 1, Q or 1, L, 2] -> [B or 1, Q or 1, 1, L * P * 2]
+            return t[:, :, None, :, None, :].expand(*t.shape[:2], 1, levels, points, 2).flatten(3)
+
+        locations = torch.addcmul(per_point(centre), offsets, per_point(scale))
+        locations = locations.view(batch, num_queries, heads, levels, points, 2)
         if resolve_backend(self.backend, value.device) == "triton":
             sampler = _triton_sampler()
             if isinstance(sampler, ImportError):
