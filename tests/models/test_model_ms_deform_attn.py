@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -26,7 +27,8 @@ def _bilinear(value: torch.Tensor, x: float, y: float) -> torch.Tensor:
 
 
 def _naive(attn: MSDeformAttn, query, reference, value, shapes) -> torch.Tensor:
-    """A per-query, per-point loop implementing the documented contract (2-d references)."""
+    """A per-query, per-point loop implementing the documented contract: 2-d references (offsets in pixels of
+    each level) or 4-d boxes (offsets in half the box's size per point)."""
     batch, num_queries, _ = query.shape
     heads, levels, points = attn.num_heads, attn.num_levels, attn.num_points
     head_dim = attn.d_model // heads
@@ -43,9 +45,13 @@ def _naive(attn: MSDeformAttn, query, reference, value, shapes) -> torch.Tensor:
                 for lvl, (h, w) in enumerate(shapes):
                     level_value = v[b, starts[lvl] : starts[lvl] + h * w, m * head_dim : (m + 1) * head_dim]
                     level_value = level_value.reshape(h, w, head_dim)
+                    if reference.shape[-1] == 2:
+                        scale_x, scale_y = 1 / w, 1 / h
+                    else:
+                        scale_x, scale_y = reference[b, q, lvl, 2:] * 0.5 / points
                     for p in range(points):
-                        x = reference[b, q, lvl, 0] + offsets[b, q, m, lvl, p, 0] / w
-                        y = reference[b, q, lvl, 1] + offsets[b, q, m, lvl, p, 1] / h
+                        x = reference[b, q, lvl, 0] + offsets[b, q, m, lvl, p, 0] * scale_x
+                        y = reference[b, q, lvl, 1] + offsets[b, q, m, lvl, p, 1] * scale_y
                         acc += weights[b, q, m, lvl, p].double() * _bilinear(level_value, float(x), float(y))
                 out[b, q, m * head_dim : (m + 1) * head_dim] = acc
     return attn.output_proj(out.float())
@@ -68,9 +74,14 @@ def _inputs(seed: int, batch: int = 2, num_queries: int = 3):
     return query, reference, value
 
 
-def test_grid_sample_attention_matches_a_naive_bilinear_loop():
+@pytest.mark.parametrize("reference_dim", [2, 4])
+def test_grid_sample_attention_matches_a_naive_bilinear_loop(reference_dim):
     attn = _random_attn(0)
     query, reference, value = _inputs(1)
+    if reference_dim == 4:
+        # Boxes of random size around the points, some reaching past the map.
+        sizes = torch.rand(reference.shape, generator=torch.Generator().manual_seed(8)) * 0.8 + 0.1
+        reference = torch.cat([reference, sizes], -1)
     with torch.no_grad():
         fast = attn(query, reference, value, SHAPES, None)
         slow = _naive(attn, query, reference, value, SHAPES)
