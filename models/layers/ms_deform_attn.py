@@ -40,15 +40,17 @@ def ms_deform_attn_sample(
     # [B, S, H, Dh] -> [B*H, Dh, S]: one copy, then each level is a view.
     value = value.float().permute(0, 2, 3, 1).reshape(batch * heads, head_dim, -1)
     per_level = value.split([h * w for h, w in spatial_shapes], dim=-1)
-    # [B, Q, H, L, P, 2] -> [L, B*H, Q, P, 2] in grid_sample's [-1, 1].
-    grids = (2 * locations.float() - 1).permute(3, 0, 2, 1, 4, 5).reshape(levels, batch * heads, queries, points, 2)
-    # [B, Q, H, L, P] -> [L, B*H, 1, Q, P], to broadcast over Dh.
-    level_weights = weights.float().permute(3, 0, 2, 1, 4).reshape(levels, batch * heads, 1, queries, points)
+    # Points before queries, so that the sum over points runs along whole rows of queries (a sum over a short
+    # innermost axis is the slowest reduction on CPU).
+    # [B, Q, H, L, P, 2] -> [L, B*H, P, Q, 2] in grid_sample's [-1, 1].
+    grids = (2 * locations.float() - 1).permute(3, 0, 2, 4, 1, 5).reshape(levels, batch * heads, points, queries, 2)
+    # [B, Q, H, L, P] -> [L, B*H, 1, P, Q], to broadcast over Dh.
+    level_weights = weights.float().permute(3, 0, 2, 4, 1).reshape(levels, batch * heads, 1, points, queries)
     out = value.new_zeros(())
     for level, (h, w) in enumerate(spatial_shapes):
         v = per_level[level].view(batch * heads, head_dim, h, w)
         sampled = F.grid_sample(v, grids[level], mode="bilinear", padding_mode="zeros", align_corners=False)
-        out = out + (sampled * level_weights[level]).sum(-1)  # [B*H, Dh, Q]
+        out = out + (sampled * level_weights[level]).sum(2)  # [B*H, Dh, P, Q] -> [B*H, Dh, Q]
     return out.view(batch, heads * head_dim, queries).transpose(1, 2).to(out_dtype)
 
 
