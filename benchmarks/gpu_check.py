@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,29 +108,50 @@ def relative_difference(triton_result: torch.Tensor, reference: torch.Tensor) ->
     return float((triton_result - reference).abs().max()) / scale if scale > 0 else 0.0
 
 
-def kernel_parity(device: torch.device, tiny: bool) -> dict:
+def time_attention(fn, inputs: list[torch.Tensor], shapes, device: torch.device, repeats: int) -> dict:
+    """Median milliseconds of one forward + backward of the sampling alone (after one untimed call, which also
+    compiles the Triton kernel), and its peak memory beyond the inputs (CUDA only)."""
+
+    def once() -> None:
+        for t in inputs:
+            t.grad = None
+        fn(inputs[0], shapes, inputs[1], inputs[2]).float().square().sum().backward()
+
+    once()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        once()
+        sync(device)
+        times.append(1000 * (time.perf_counter() - start))
+    peak = None
+    if device.type == "cuda":
+        for t in inputs:
+            t.grad = None
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        once()
+        sync(device)
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    return {"ms_forward_backward": statistics.median(times), "peak_mb": peak}
+
+
+def kernel_parity(device: torch.device, tiny: bool, repeats: int) -> dict:
     from models.layers.ms_deform_attn_triton import ms_deform_attn_triton
 
     results = {}
     for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         value, shapes, locations, weights = attention_inputs(device, dtype, tiny)
-        outputs, grads, timing, memory = {}, {}, {}, {}
+        outputs, grads, speed = {}, {}, {}
         for backend, fn in (("pytorch", ms_deform_attn_sample), ("triton", ms_deform_attn_triton)):
             inputs = [t.detach().clone().requires_grad_(True) for t in (value, locations, weights)]
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-                base = torch.cuda.memory_allocated(device)
-            sync(device)
-            start = time.perf_counter()
             out = fn(inputs[0], shapes, inputs[1], inputs[2])
             out.float().square().sum().backward()
-            sync(device)
-            timing[backend] = time.perf_counter() - start
-            if device.type == "cuda":
-                memory[backend] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
             outputs[backend] = out.detach().float()
             grads[backend] = [t.grad.float() for t in inputs]
+            speed[backend] = time_attention(fn, inputs, shapes, device, repeats)
         pairs = {"output": (outputs["triton"], outputs["pytorch"])}
         for name, a, b in zip(("value", "locations", "weights"), grads["triton"], grads["pytorch"], strict=True):
             pairs[f"grad_{name}"] = (a, b)
@@ -138,10 +160,13 @@ def kernel_parity(device: torch.device, tiny: bool) -> dict:
             # Relative to the largest grid_sample value: the location gradient scales with the map size (hundreds
             # at the tiny sizes), so float32 rounding alone leaves absolute differences near 1e-4 there.
             **{f"max_rel_diff_{name}": relative_difference(a, b) for name, (a, b) in pairs.items()},
-            # The first call of each backend also compiles (Triton) or warms up: an upper bound.
-            "seconds_first_call": timing,
-            "attention_peak_mb": memory or None,
+            "attention": speed,
         }
+        print(
+            f"  {dtype_name}: output diff {results[dtype_name]['max_abs_diff_output']:.2e}, "
+            + ", ".join(f"{b} {r['ms_forward_backward']:.2f} ms" for b, r in speed.items()),
+            flush=True,
+        )
     return results
 
 
@@ -173,47 +198,50 @@ def step_batch(device: torch.device, tiny: bool, seed: int = 0):
     return images, targets
 
 
-def training_steps(device: torch.device, tiny: bool, steps: int, warmup: int) -> list[dict]:
+def train_one(k: int, backend: str, amp_dtype: str | None, batch, device: torch.device, tiny: bool, steps, warmup):
+    """Median seconds of `steps` Trainer.run_step calls (after `warmup`) and the peak memory (CUDA only)."""
+    cfg = compose_config(k, backend, amp_dtype, tiny)
+    tcfg = cfg.trainer
+    torch.manual_seed(0)
+    model = build_model(cfg.model, NUM_CLASSES).to(device).train()
+    optimizer = build_optimizer(model, tcfg.optimizer)
+    trainer = Trainer(
+        model,
+        None,
+        optimizer,
+        build_scheduler(optimizer, tcfg.max_iters, tcfg.scheduler),
+        tcfg.max_iters,
+        device,
+        clip_grad_norm=tcfg.clip_grad_norm,
+        amp_dtype=tcfg.amp_dtype,
+    )
+    run_steps(trainer, [batch], warmup)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = run_steps(trainer, [batch], steps)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return statistics.median(seconds), peak
+
+
+def training_steps(device: torch.device, tiny: bool, steps: int, warmup: int, errors: list[str]) -> list[dict]:
     rows = []
     # On the device once, so that the steps time the training and not the copies.
     batch = to_device(step_batch(device, tiny), device)
     for k in (0, 2):
         for backend in ("pytorch", "triton"):
             for amp_dtype in (None, "bf16"):
-                cfg = compose_config(k, backend, amp_dtype, tiny)
-                tcfg = cfg.trainer
-                torch.manual_seed(0)
-                model = build_model(cfg.model, NUM_CLASSES).to(device).train()
-                optimizer = build_optimizer(model, tcfg.optimizer)
-                trainer = Trainer(
-                    model,
-                    None,
-                    optimizer,
-                    build_scheduler(optimizer, tcfg.max_iters, tcfg.scheduler),
-                    tcfg.max_iters,
-                    device,
-                    clip_grad_norm=tcfg.clip_grad_norm,
-                    amp_dtype=tcfg.amp_dtype,
-                )
-                run_steps(trainer, [batch], warmup)
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                seconds = run_steps(trainer, [batch], steps)
-                peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-                rows.append(
-                    {
-                        "K": k,
-                        "backend": backend,
-                        "dtype": amp_dtype or "fp32",
-                        "seconds_per_step": statistics.median(seconds),
-                        "peak_mb": peak,
-                    }
-                )
-                print(
-                    f"  K={k} {backend:<8} {amp_dtype or 'fp32':<5} {rows[-1]['seconds_per_step']:.3f} s/step",
-                    flush=True,
-                )
-                del trainer, model, optimizer
+                row = {"K": k, "backend": backend, "dtype": amp_dtype or "fp32", "seconds_per_step": None}
+                row["peak_mb"] = None
+                try:
+                    row["seconds_per_step"], row["peak_mb"] = train_one(
+                        k, backend, amp_dtype, batch, device, tiny, steps, warmup
+                    )
+                    print(f"  K={k} {backend:<8} {row['dtype']:<5} {row['seconds_per_step']:.3f} s/step", flush=True)
+                except Exception:  # one configuration's failure must not cost the others' numbers
+                    row["error"] = traceback.format_exc(limit=-6)
+                    errors.append(f"training step K={k} {backend} {row['dtype']}: {row['error']}")
+                    print(row["error"], flush=True)
+                rows.append(row)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     return rows
@@ -248,39 +276,76 @@ def short_pipeline(device: str) -> dict:
         }
 
 
+def write(report: dict) -> None:
+    """After every part: a run stopped at its time limit still leaves what it measured."""
+    ARGS.out.parent.mkdir(parents=True, exist_ok=True)
+    ARGS.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def print_table(report: dict) -> None:
+    for dtype, parity in report.get("kernel_parity", {}).items():
+        rel = max(v for key, v in parity.items() if key.startswith("max_rel_diff_"))
+        att = parity["attention"]
+        memory = "  ".join(f"{b} {r['peak_mb']:.0f} MB" for b, r in att.items() if r["peak_mb"] is not None)
+        times = "  ".join(f"{b} {r['ms_forward_backward']:.2f} ms" for b, r in att.items())
+        print(f"attention {dtype}: largest relative difference {rel:.1e}; fwd+bwd {times}; peak {memory}")
+    rows = report.get("training_steps", [])
+    print(f"\n{'K':>2} {'backend':<8} {'dtype':<5} {'s/step':>8} {'peak MB':>9}")
+    for row in rows:
+        seconds = f"{row['seconds_per_step']:8.3f}" if row["seconds_per_step"] is not None else f"{'failed':>8}"
+        peak = f"{row['peak_mb']:9.0f}" if row["peak_mb"] is not None else f"{'-':>9}"
+        print(f"{row['K']:>2} {row['backend']:<8} {row['dtype']:<5} {seconds} {peak}")
+    by = {(r["K"], r["backend"], r["dtype"]): r["seconds_per_step"] for r in rows}
+
+    def ratio(a: tuple, b: tuple) -> str:
+        return f"{by[a] / by[b]:.2f}x" if by.get(a) and by.get(b) else "n/a"
+
+    for dtype in ("fp32", "bf16"):
+        print(f"triton speed-up over grid_sample (K=0, {dtype}): {ratio((0, 'pytorch', dtype), (0, 'triton', dtype))}")
+    print(f"K=2 / K=0 step time (triton, bf16): {ratio((2, 'triton', 'bf16'), (0, 'triton', 'bf16'))}")
+    print(f"K=2 / K=0 step time (pytorch, fp32): {ratio((2, 'pytorch', 'fp32'), (0, 'pytorch', 'fp32'))}")
+    if "pipeline" in report:
+        pipe = report["pipeline"]
+        print(f"pipeline: exit {pipe['returncode']}, {pipe['seconds']:.0f} s, {pipe['metrics']}")
+
+
 def main() -> None:
     device = torch.device(ARGS.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: torch sees no CUDA device; use --device cpu --tiny for the dry run")
-    steps, warmup = (1, 0) if ARGS.tiny else (ARGS.steps, ARGS.warmup)
+    steps, warmup, repeats = (1, 0, 1) if ARGS.tiny else (ARGS.steps, ARGS.warmup, 10)
+    import triton
+
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
+        "triton": triton.__version__,
         "tiny": ARGS.tiny,
+        "errors": [],
     }
+    errors = report["errors"]
+    start = time.perf_counter()
     print("1. kernel parity", flush=True)
-    report["kernel_parity"] = kernel_parity(device, ARGS.tiny)
-    print(json.dumps(report["kernel_parity"], indent=1))
-    print("2. training steps", flush=True)
-    report["training_steps"] = training_steps(device, ARGS.tiny, steps, warmup)
+    try:
+        report["kernel_parity"] = kernel_parity(device, ARGS.tiny, repeats)
+    except Exception:
+        errors.append(f"kernel parity: {traceback.format_exc(limit=-6)}")
+        print(errors[-1], flush=True)
+    write(report)
+    print(f"2. training steps ({time.perf_counter() - start:.0f} s so far)", flush=True)
+    report["training_steps"] = training_steps(device, ARGS.tiny, steps, warmup, errors)
+    write(report)
     if not ARGS.skip_pipeline:
-        print("3. short pipeline", flush=True)
+        print(f"3. short pipeline ({time.perf_counter() - start:.0f} s so far)", flush=True)
         report["pipeline"] = short_pipeline(ARGS.device)
-    ARGS.out.parent.mkdir(parents=True, exist_ok=True)
-    ARGS.out.write_text(json.dumps(report, indent=2) + "\n")
-
-    print(f"\n{'K':>2} {'backend':<8} {'dtype':<5} {'s/step':>8} {'peak MB':>9}")
-    for row in report["training_steps"]:
-        peak = f"{row['peak_mb']:9.0f}" if row["peak_mb"] is not None else f"{'-':>9}"
-        print(f"{row['K']:>2} {row['backend']:<8} {row['dtype']:<5} {row['seconds_per_step']:8.3f} {peak}")
-    by = {(r["K"], r["backend"], r["dtype"]): r["seconds_per_step"] for r in report["training_steps"]}
-    print(f"triton / grid_sample speed-up (K=0, fp32): {by[(0, 'pytorch', 'fp32')] / by[(0, 'triton', 'fp32')]:.2f}x")
-    print(f"K=2 / K=0 step time (pytorch, fp32): {by[(2, 'pytorch', 'fp32')] / by[(0, 'pytorch', 'fp32')]:.2f}x")
-    if "pipeline" in report:
-        print(
-            f"pipeline: exit {report['pipeline']['returncode']}, {report['pipeline']['seconds']:.0f} s, {report['pipeline']['metrics']}"
-        )
-    print(f"written to {ARGS.out}")
+        if report["pipeline"]["returncode"] != 0:
+            errors.append(f"pipeline: {report['pipeline']['stderr_tail']}")
+    report["seconds"] = time.perf_counter() - start
+    write(report)
+    print_table(report)
+    print(f"written to {ARGS.out} ({report['seconds']:.0f} s)")
+    if errors:
+        sys.exit(f"{len(errors)} part(s) failed; the first: {errors[0]}")
 
 
 if __name__ == "__main__":
