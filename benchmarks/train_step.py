@@ -29,7 +29,8 @@ Memory, per model:
   caching and shared libraries blur).
 - peak MB = state + step peak.
 
---profile N: also run N profiled steps of each model and print the top operators by self CPU (and CUDA) time.
+--profile N: also run N profiled steps of each model and print the top operators by self CPU (and CUDA) time;
+on CUDA also the wall time per step against its summed kernel time and its host syncs.
 
 Requires the `bench` extra (`pip install -e .[bench]`: transformers and timm); neither is a runtime dependency.
 """
@@ -295,15 +296,27 @@ def step_peak_bytes(trainer: Trainer, batch: Batch) -> int:
 
 
 def profile_ops(trainer: Trainer, batch: Batch, steps: int, rows: int) -> str:
-    """The top operators of `steps` steps by self time (CUDA time too on a GPU)."""
+    """The top operators of `steps` steps by self CPU time; on a GPU also by self CUDA time, and per step the wall
+    time against the summed kernel time (a step whose kernels fill little of its wall time waits on the host)."""
     from torch.profiler import ProfilerActivity, profile
 
     on_cuda = trainer.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     with profile(activities=activities) as prof:
-        run_steps(trainer, [batch], steps)
-    sort = "self_cuda_time_total" if on_cuda else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=sort, row_limit=rows)
+        seconds = run_steps(trainer, [batch], steps)
+    averages = prof.key_averages()
+    tables = [averages.table(sort_by="self_cpu_time_total", row_limit=rows)]
+    if on_cuda:
+        tables.append(averages.table(sort_by="self_cuda_time_total", row_limit=rows))
+        events = prof.events()
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        kernel_ms = sum(e.time_range.elapsed_us() for e in kernels) / 1000
+        syncs = sum(e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize") for e in events)
+        tables.append(
+            f"per step (profiled, so slower): {1000 * sum(seconds) / steps:.1f} ms wall, {kernel_ms / steps:.1f} ms "
+            f"of CUDA kernels summed ({len(kernels) / steps:.0f} kernels), {syncs / steps:.0f} host syncs"
+        )
+    return "\n".join(tables)
 
 
 def percentile(values: list[float], q: float) -> float:
