@@ -13,11 +13,13 @@ from models.matching.hungarian import HungarianMatcher
 
 def num_target_boxes(targets: list[dict[str, Tensor]], device: torch.device) -> float:
     """Target boxes per rank, averaged over ranks when torch.distributed is initialised, at least 1."""
-    count = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+    count = float(sum(len(t["labels"]) for t in targets))
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(count)
-        count = count / dist.get_world_size()
-    return max(float(count.item()), 1.0)
+        # Only here through the device: a round trip waits for it (a sync per loss on a GPU).
+        total = torch.as_tensor([count], device=device)
+        dist.all_reduce(total)
+        count = float(total.item()) / dist.get_world_size()
+    return max(count, 1.0)
 
 
 class SetCriterion(nn.Module):
@@ -65,27 +67,55 @@ class SetCriterion(nn.Module):
         valid Bool[B, Q] (optional): predictions outside it take no loss. Returns the weighted
         {"loss_cls", "loss_bbox", "loss_giou"}.
         """
+        losses = self.layer_losses(logits[None], boxes[None], targets, [indices], num_boxes, valid)
+        return {name: value[0] for name, value in losses.items()}
+
+    def layer_losses(
+        self,
+        logits: Tensor,
+        boxes: Tensor,
+        targets: list[dict[str, Tensor]],
+        indices: list[list[tuple[Tensor, Tensor]]],
+        num_boxes: float,
+        valid: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """`loss_for_assignment` of L prediction sets at once (a decoder's layers): logits [L, B, Q, K], boxes
+        [L, B, Q, 4], indices[l] layer l's assignment (int64 host tensors, as the matcher gives them), valid
+        Bool[B, Q] for every layer. Returns {"loss_cls", "loss_bbox", "loss_giou"}, each a Tensor [L].
+
+        One pass over all layers instead of one per layer: on a GPU every small operation is a kernel launch,
+        and the launches of per-layer losses outlasted their arithmetic."""
+        num_layers = logits.shape[0]
         logits = logits.float()
         boxes = boxes.float()
-        batch_idx = torch.cat([torch.full_like(pred, i) for i, (pred, _) in enumerate(indices)]).to(logits.device)
-        pred_idx = torch.cat([pred for pred, _ in indices]).to(logits.device)
-        tgt_labels = torch.cat([t["labels"][tgt.to(t["labels"].device)] for t, (_, tgt) in zip(targets, indices)])
-        tgt_boxes = torch.cat([t["boxes"][tgt.to(t["boxes"].device)] for t, (_, tgt) in zip(targets, indices)])
+        offsets = [0]
+        for target in targets:
+            offsets.append(offsets[-1] + len(target["labels"]))
+        # (layer, image, prediction, target in the concatenated targets) of every pair: one copy to the device.
+        pairs = [
+            torch.stack([torch.full_like(pred, layer), torch.full_like(pred, image), pred, tgt + offsets[image]])
+            for layer, layer_indices in enumerate(indices)
+            for image, (pred, tgt) in enumerate((p.cpu(), t.cpu()) for p, t in layer_indices)
+        ]
+        layer_idx, batch_idx, pred_idx, tgt_idx = torch.cat(pairs, 1).to(logits.device)
+        tgt_labels = torch.cat([t["labels"] for t in targets]).to(logits.device)[tgt_idx]
+        tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(boxes)[tgt_idx]
 
         onehot = torch.zeros_like(logits)
-        onehot[batch_idx, pred_idx, tgt_labels.to(logits.device)] = 1.0
+        onehot[layer_idx, batch_idx, pred_idx, tgt_labels] = 1.0
         focal = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="none")
         if valid is not None:
-            focal = focal * valid[..., None].to(focal.dtype)
-        matched = boxes[batch_idx, pred_idx]
-        tgt_boxes = tgt_boxes.to(matched)
+            focal = focal * valid[None, ..., None].to(focal.dtype)
+        matched = boxes[layer_idx, batch_idx, pred_idx]
         giou = generalized_box_iou_loss(
-            box_convert(matched, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy"), reduction="sum"
+            box_convert(matched, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy"), reduction="none"
         )
+        l1 = F.l1_loss(matched, tgt_boxes, reduction="none").sum(-1)
+        per_layer = torch.zeros(2, num_layers, device=boxes.device).index_add_(1, layer_idx, torch.stack([l1, giou]))
         return {
-            "loss_cls": self.weights["loss_cls"] * focal.sum() / num_boxes,
-            "loss_bbox": self.weights["loss_bbox"] * F.l1_loss(matched, tgt_boxes, reduction="sum") / num_boxes,
-            "loss_giou": self.weights["loss_giou"] * giou / num_boxes,
+            "loss_cls": self.weights["loss_cls"] * focal.flatten(1).sum(1) / num_boxes,
+            "loss_bbox": self.weights["loss_bbox"] * per_layer[0] / num_boxes,
+            "loss_giou": self.weights["loss_giou"] * per_layer[1] / num_boxes,
         }
 
     def objectness_loss(self, logits: Tensor, indices: list[tuple[Tensor, Tensor]], num_boxes: float) -> Tensor:
@@ -127,12 +157,8 @@ class SetCriterion(nn.Module):
         enc_valid Bool[B, S]), which are matched to the targets with every label set to 0 (object or not).
         """
         num_boxes = num_target_boxes(targets, logits.device)
-        num_layers = logits.shape[0]
-        losses: dict[str, Tensor] = {}
-        for layer in range(num_layers):
-            suffix = "" if layer == num_layers - 1 else f"_d{layer}"
-            layer_losses, _ = self.match_and_loss(logits[layer], boxes[layer], targets, num_boxes)
-            losses.update({f"{name}{suffix}": value for name, value in layer_losses.items()})
+        indices = self.matcher.match_layers(logits, boxes, targets)
+        losses = name_layers(self.layer_losses(logits, boxes, targets, indices, num_boxes))
         if enc_logits is not None:
             if enc_boxes is None:
                 raise ValueError("SetCriterion: enc_logits given without enc_boxes")
@@ -141,6 +167,17 @@ class SetCriterion(nn.Module):
             losses.update({f"{name}_enc": value for name, value in enc_losses.items()})
         check_finite(losses, "SetCriterion")
         return losses
+
+
+def name_layers(losses: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Per-layer losses ({name: Tensor [L]}) as SetCriterion's keys: "{name}" for the last layer, "{name}_d{l}"
+    for layer l of the others."""
+    num_layers = len(next(iter(losses.values())))
+    named = {}
+    for layer in range(num_layers):
+        suffix = "" if layer == num_layers - 1 else f"_d{layer}"
+        named.update({f"{name}{suffix}": values[layer] for name, values in losses.items()})
+    return named
 
 
 def check_finite(losses: dict[str, Tensor], owner: str) -> None:

@@ -69,27 +69,58 @@ class HungarianMatcher(nn.Module):
     def forward(
         self, logits: Tensor | None, boxes: Tensor, targets: list[dict[str, Tensor]], valid: Tensor | None = None
     ) -> list[tuple[Tensor, Tensor]]:
-        indices = []
+        """The assignment of one prediction set (class docstring)."""
+        return self.match_layers(None if logits is None else logits[None], boxes[None], targets, valid)[0]
+
+    @torch.no_grad()
+    def match_layers(
+        self, logits: Tensor | None, boxes: Tensor, targets: list[dict[str, Tensor]], valid: Tensor | None = None
+    ) -> list[list[tuple[Tensor, Tensor]]]:
+        """`forward` for L prediction sets against the same targets (a decoder's layers): logits [L, B, Q, K] or
+        None, boxes [L, B, Q, 4], valid Bool[B, Q] for all of them -> per layer, per image (pred_idx, tgt_idx).
+
+        The same assignments as L calls of `forward`, with the costs of each image computed for all layers at once
+        and copied to the host in one transfer: on a GPU each copy waits for the device, and each small operation
+        costs a launch, so per-layer and per-image costs left the device idle for most of a DETR step."""
+        num_layers, _, num_queries = boxes.shape[:3]
+        sizes = [len(t["labels"]) for t in targets]
+        costs, terms_per_image = [], []
         with torch.autocast(device_type=boxes.device.type, enabled=False):
             for i, target in enumerate(targets):
-                labels, tgt_boxes = target["labels"], target["boxes"]
-                candidates = torch.arange(boxes.shape[1], device=boxes.device)
-                if valid is not None:
-                    candidates = candidates[valid[i]]
-                if len(labels) == 0 or len(candidates) == 0:
-                    empty = torch.zeros(0, dtype=torch.int64)
-                    indices.append((empty, empty.clone()))
+                if sizes[i] == 0:
+                    terms_per_image.append({})
                     continue
-                image_logits = logits[i, candidates] if logits is not None else None
-                terms = self.cost_terms(image_logits, boxes[i, candidates], labels, tgt_boxes)
-                cost = sum(terms.values())
-                if not torch.isfinite(cost).all():
-                    bad = [name for name, term in terms.items() if not torch.isfinite(term).all()]
-                    raise FloatingPointError(
-                        f"HungarianMatcher: non-finite {', '.join(bad) or 'total cost'} for image {i} of the batch "
-                        "(NaN/inf predictions or target boxes)"
-                    )
-                rows, cols = linear_sum_assignment(cost.cpu().numpy())
-                pred = candidates.cpu()[torch.as_tensor(rows, dtype=torch.int64)]
-                indices.append((pred, torch.as_tensor(cols, dtype=torch.int64)))
+                image_logits = None if logits is None else logits[:, i].reshape(num_layers * num_queries, -1)
+                image_boxes = boxes[:, i].reshape(num_layers * num_queries, 4)
+                terms = self.cost_terms(image_logits, image_boxes, target["labels"], target["boxes"])
+                terms_per_image.append(terms)
+                costs.append(sum(terms.values()).flatten())
+        host = torch.cat(costs).cpu().split([num_layers * num_queries * n for n in sizes if n]) if costs else []
+        host_valid = valid.cpu() if valid is not None else None
+        empty = torch.zeros(0, dtype=torch.int64)
+        indices: list[list[tuple[Tensor, Tensor]]] = [[] for _ in range(num_layers)]
+        blocks = iter(host)
+        for i, terms in enumerate(terms_per_image):
+            cost = next(blocks).view(num_layers, num_queries, sizes[i]) if terms else None
+            candidates = torch.arange(num_queries) if host_valid is None else host_valid[i].nonzero().flatten()
+            if cost is None or len(candidates) == 0:
+                for layer in indices:
+                    layer.append((empty, empty.clone()))
+                continue
+            cost = cost[:, candidates]
+            if not torch.isfinite(cost).all():
+                kept = candidates.to(boxes.device)
+                bad = [
+                    name
+                    for name, term in terms.items()
+                    if not torch.isfinite(term.view(num_layers, num_queries, -1)[:, kept]).all()
+                ]
+                raise FloatingPointError(
+                    f"HungarianMatcher: non-finite {', '.join(bad) or 'total cost'} for image {i} of the batch "
+                    "(NaN/inf predictions or target boxes)"
+                )
+            for layer in range(num_layers):
+                rows, cols = linear_sum_assignment(cost[layer].numpy())
+                pred = candidates[torch.as_tensor(rows, dtype=torch.int64)]
+                indices[layer].append((pred, torch.as_tensor(cols, dtype=torch.int64)))
         return indices

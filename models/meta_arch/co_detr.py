@@ -23,7 +23,7 @@ from models.heads.base import AuxHead, AuxPositives
 from models.heads.common import random_subset
 from models.layers.box_coding import normalize_boxes
 from models.layers.deformable_transformer import Decoded, Encoded
-from models.losses.detr_loss import num_target_boxes
+from models.losses.detr_loss import name_layers, num_target_boxes
 from models.meta_arch.deformable_detr import DeformableDETR, one_class_targets
 from models.pretrain.align_outputs import DEFAULT_ALIGN_OPTIONS, AlignOptions, AlignOutputs
 
@@ -53,8 +53,9 @@ class QueryGroup:
     num_negatives: list[int]
 
     def indices(self) -> list[tuple[Tensor, Tensor]]:
-        """(query index, target index) pairs per image for SetCriterion.loss_for_assignment: query j <-> target j."""
-        return [(torch.arange(len(t["labels"]), device=t["labels"].device),) * 2 for t in self.targets]
+        """(query index, target index) pairs per image for SetCriterion.loss_for_assignment: query j <-> target j
+        (int64 host tensors, as the matcher gives them)."""
+        return [(torch.arange(len(t["labels"])),) * 2 for t in self.targets]
 
     def has_fillers(self) -> bool:
         return not bool(self.valid.all())
@@ -236,17 +237,12 @@ class CoDeformableDETR(DeformableDETR):
         Keys as SetCriterion's: "loss_{cls,bbox,giou}" (last layer) and "..._d{l}"; normalised by the group's
         positive count (averaged over ranks, at least 1)."""
         num_positives = num_target_boxes(group.targets, decoded.boxes.device)
-        indices = group.indices()
         valid = group.valid if group.has_fillers() else None
-        num_layers = decoded.boxes.shape[0]
-        losses = {}
-        for layer in range(num_layers):
-            suffix = "" if layer == num_layers - 1 else f"_d{layer}"
-            layer_losses = self.criterion.loss_for_assignment(
-                decoded.logits[layer], decoded.boxes[layer], group.targets, indices, num_positives, valid
-            )
-            losses.update({f"{name}{suffix}": self.lambda1 * value for name, value in layer_losses.items()})
-        return losses
+        indices = [group.indices()] * decoded.boxes.shape[0]
+        losses = self.criterion.layer_losses(
+            decoded.logits, decoded.boxes, group.targets, indices, num_positives, valid
+        )
+        return {name: self.lambda1 * value for name, value in name_layers(losses).items()}
 
     def run_aux_heads(
         self, encoded: Encoded, image_sizes: list[tuple[int, int]], targets: list[dict[str, Tensor]]

@@ -23,7 +23,7 @@ from models.layers.box_coding import denormalize_boxes, inverse_sigmoid, normali
 from models.layers.deformable_transformer import Decoded, DeformableTransformer, Encoded
 from models.layers.image_list import batch_images
 from models.layers.position_encoding import SinePositionEncoding
-from models.losses.detr_loss import SetCriterion, check_finite, num_target_boxes
+from models.losses.detr_loss import SetCriterion, check_finite, name_layers, num_target_boxes
 from models.pretrain.align_outputs import DEFAULT_ALIGN_OPTIONS, AlignOptions, AlignOutputs, with_background
 
 # Focal-loss prior (RetinaNet): class logits start at sigmoid^-1(0.01), so the many negatives do not swamp the
@@ -387,29 +387,30 @@ class DeformableDETR(nn.Module):
         num_boxes = num_target_boxes(proposals, decoded.boxes.device)
         out = AlignOutputs()
         features, feature_ids, background = [], [], []
-        for layer in range(num_layers):
-            if layer not in labelled and not with_losses:
-                continue
-            indices = matcher(decoded.logits[layer], decoded.boxes[layer], proposals)
-            if layer in labelled:
-                # Image-major, queries ascending within an image: rows and ids are built from the same pairs.
-                for image, (pred, tgt) in enumerate(indices):
-                    pred = pred.to(decoded.boxes.device)
-                    features.append(decoded.hidden_states[layer, image, pred])
-                    feature_ids.append(ids[image][tgt.to(ids[image].device)])
-                    unmatched = torch.ones(decoded.hidden_states.shape[2], dtype=torch.bool, device=pred.device)
-                    unmatched[pred] = False
-                    background.append(decoded.hidden_states[layer, image, unmatched])
-            if with_losses:
-                losses = self.criterion.loss_for_assignment(
-                    decoded.logits[layer], decoded.boxes[layer], proposals, indices, num_boxes
-                )
-                suffix = "" if layer == num_layers - 1 else f"_d{layer}"
-                for name in loss_names:
-                    out.losses[f"{DETR_BRANCH}/{name}{suffix}"] = losses[name]
-                if options.objectness:
+        # The last layer alone, unless another one needs an assignment too: all layers are matched in one pass.
+        first = 0 if with_losses or options.all_layers else num_layers - 1
+        assignments = dict(
+            enumerate(matcher.match_layers(decoded.logits[first:], decoded.boxes[first:], proposals), start=first)
+        )
+        for layer in labelled:
+            # Image-major, queries ascending within an image: rows and ids are built from the same pairs.
+            for image, (pred, tgt) in enumerate(assignments[layer]):
+                pred = pred.to(decoded.boxes.device)
+                features.append(decoded.hidden_states[layer, image, pred])
+                feature_ids.append(ids[image][tgt.to(ids[image].device)])
+                unmatched = torch.ones(decoded.hidden_states.shape[2], dtype=torch.bool, device=pred.device)
+                unmatched[pred] = False
+                background.append(decoded.hidden_states[layer, image, unmatched])
+        if with_losses:
+            indices = [assignments[layer] for layer in range(num_layers)]
+            losses = self.criterion.layer_losses(decoded.logits, decoded.boxes, proposals, indices, num_boxes)
+            kept = name_layers({name: losses[name] for name in loss_names})
+            out.losses.update({f"{DETR_BRANCH}/{key}": value for key, value in kept.items()})
+            if options.objectness:
+                for layer in range(num_layers):
+                    suffix = "" if layer == num_layers - 1 else f"_d{layer}"
                     out.losses[f"{DETR_BRANCH}/loss_objectness{suffix}"] = self.criterion.objectness_loss(
-                        decoded.logits[layer], indices, num_boxes
+                        decoded.logits[layer], indices[layer], num_boxes
                     )
         out.features[DETR_BRANCH], out.ids[DETR_BRANCH] = with_background(
             torch.cat(features), torch.cat(feature_ids), torch.cat(background), options.max_background

@@ -63,9 +63,10 @@ def is_loss(key: str) -> bool:
 def total_loss(losses: LossDict) -> torch.Tensor:
     """The objective; a non-finite term stops training with its name rather than corrupting the weights."""
     terms = {k: v for k, v in losses.items() if is_loss(k)}
-    bad = [k for k, v in terms.items() if not torch.isfinite(v).all()]
-    if bad:
-        raise FloatingPointError(f"non-finite loss term(s) {bad} (values {[float(terms[k].detach()) for k in bad]})")
+    # One check for all terms: on a GPU each check of a value waits for the device.
+    if not bool(torch.isfinite(torch.cat([v.detach().float().flatten() for v in terms.values()])).all()):
+        bad = {k: float(v.detach()) for k, v in terms.items() if not torch.isfinite(v).all()}
+        raise FloatingPointError(f"non-finite loss term(s) {list(bad)} (values {list(bad.values())})")
     return sum(terms.values())
 
 
@@ -208,7 +209,9 @@ class Trainer:
             losses = self.run_step(next(data))
             self.iter += 1
             self.step_seconds = time.perf_counter() - t0
-            self.last_losses = {k: float(v.detach()) for k, v in losses.items()}
+            # One copy to the host for all values (one wait for the device, not one per value).
+            values = torch.stack([v.detach().float().reshape(()) for v in losses.values()]).tolist()
+            self.last_losses = dict(zip(losses, values))
             for hook in self.hooks:
                 hook.after_step(self)
             bar.update(1)

@@ -384,14 +384,14 @@ def test_detr_pseudo_classes_match_with_the_class_cost(monkeypatch):
     proposals = pseudo_class_targets([t["boxes"] for t in targets], [[3], [1, 2]])
     matcher = model.criterion.matcher
     matcher_type = type(matcher)
-    match = matcher_type.forward
+    match = matcher_type.match_layers
     class_costs = []
 
     def spy(self, logits, boxes, targets, valid=None):
         class_costs.append(self.cost_class)
         return match(self, logits, boxes, targets, valid)
 
-    monkeypatch.setattr(matcher_type, "forward", spy)
+    monkeypatch.setattr(matcher_type, "match_layers", spy)
     model.align_outputs(images, proposals, False, AlignOptions(pseudo_classes=True))
     assert class_costs and all(cost == matcher.cost_class > 0 for cost in class_costs)
     class_costs.clear()

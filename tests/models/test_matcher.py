@@ -99,3 +99,26 @@ def test_costs_are_float32_for_half_precision_inputs_under_autocast():
     assert all(t.dtype == torch.float32 for t in terms.values())
     for (p1, t1), (p2, t2) in zip(expected, got):
         assert torch.equal(p1, p2) and torch.equal(t1, t2)
+
+
+def test_matching_all_layers_at_once_equals_one_layer_at_a_time():
+    g = torch.Generator().manual_seed(4)
+    num_layers, num_queries, num_classes = 3, 7, 4
+    counts = [3, 0, 5]
+    logits = torch.randn(num_layers, len(counts), num_queries, num_classes, generator=g)
+    boxes = torch.stack([torch.stack([_random_boxes(num_queries, g) for _ in counts]) for _ in range(num_layers)])
+    targets = [
+        {"labels": torch.randint(0, num_classes, (n,), generator=g), "boxes": _random_boxes(n, g)} for n in counts
+    ]
+    valid = torch.rand(len(counts), num_queries, generator=g) > 0.3
+    matcher = _matcher()
+    for mask in (None, valid):
+        together = matcher.match_layers(logits, boxes, targets, mask)
+        assert len(together) == num_layers
+        for layer, assignment in enumerate(together):
+            alone = matcher(logits[layer], boxes[layer], targets, mask)
+            assert len(assignment) == len(alone) == len(counts)
+            for (p1, t1), (p2, t2) in zip(assignment, alone):
+                assert torch.equal(p1, p2) and torch.equal(t1, t2)
+            if mask is not None:
+                assert all(bool(mask[i, pred].all()) for i, (pred, _) in enumerate(assignment))

@@ -88,3 +88,26 @@ def test_non_finite_loss_raises_naming_the_term():
     boxes = torch.rand(2, 2, 4, 4) * 0.3 + 0.2
     with pytest.raises(FloatingPointError, match="loss_cls_d0"):
         _criterion(cost_class=0.0)(logits, boxes, _targets())
+
+
+def test_layer_losses_equal_each_layer_on_its_own():
+    """All layers in one pass, each with its own assignment, give each layer's losses alone (no mixing)."""
+    torch.manual_seed(1)
+    targets = _targets()
+    logits, boxes = torch.randn(3, 2, 4, 3), torch.rand(3, 2, 4, 4) * 0.3 + 0.2
+    indices = [
+        [(torch.tensor([1]), torch.tensor([0])), (torch.tensor([3, 0]), torch.tensor([0, 1]))],
+        [(torch.tensor([2]), torch.tensor([0])), (torch.tensor([1, 2]), torch.tensor([1, 0]))],
+        [(torch.tensor([0]), torch.tensor([0])), (torch.zeros(0, dtype=torch.int64),) * 2],
+    ]
+    valid = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    criterion = _criterion()
+    together = criterion.layer_losses(logits, boxes, targets, indices, 3.0, valid)
+    for layer in range(3):
+        alone = criterion.layer_losses(
+            logits[layer : layer + 1], boxes[layer : layer + 1], targets, [indices[layer]], 3.0, valid
+        )
+        for name, value in together.items():
+            assert value.shape == (3,)
+            assert value[layer].item() == pytest.approx(alone[name][0].item(), rel=1e-6, abs=1e-7), (layer, name)
+    assert len(set(together["loss_bbox"].tolist())) == 3
