@@ -122,3 +122,22 @@ def test_matching_all_layers_at_once_equals_one_layer_at_a_time():
                 assert torch.equal(p1, p2) and torch.equal(t1, t2)
             if mask is not None:
                 assert all(bool(mask[i, pred].all()) for i, (pred, _) in enumerate(assignment))
+
+
+def test_matching_all_layers_copies_the_costs_to_the_host_once(monkeypatch):
+    """On a GPU each copy to the host waits for the device: one copy per call, whatever the layers and images."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, 3, 6, 2, generator=g)
+    boxes = torch.stack([torch.stack([_random_boxes(6, g) for _ in range(3)]) for _ in range(4)])
+    targets = [{"labels": torch.tensor([0, 1]), "boxes": _random_boxes(2, g)} for _ in range(3)]
+    copies = []
+    to_host = torch.Tensor.cpu
+
+    def counting_cpu(self, *args, **kwargs):
+        copies.append(tuple(self.shape))
+        return to_host(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "cpu", counting_cpu)
+    indices = _matcher().match_layers(logits, boxes, targets)
+    assert len(indices) == 4 and all(len(layer) == 3 for layer in indices)
+    assert copies == [(4 * 6 * 2 * 3,)]
