@@ -92,11 +92,15 @@ class SetCriterion(nn.Module):
         for target in targets:
             offsets.append(offsets[-1] + len(target["labels"]))
         # (layer, image, prediction, target in the concatenated targets) of every pair: one copy to the device.
-        pairs = [
-            torch.stack([torch.full_like(pred, layer), torch.full_like(pred, image), pred, tgt + offsets[image]])
-            for layer, layer_indices in enumerate(indices)
-            for image, (pred, tgt) in enumerate((p.cpu(), t.cpu()) for p, t in layer_indices)
-        ]
+        pairs = []
+        for layer, layer_indices in enumerate(indices):
+            for image, (pred, tgt) in enumerate(layer_indices):
+                pred, tgt = pred.cpu(), tgt.cpu()
+                pairs.append(
+                    torch.stack(
+                        [torch.full_like(pred, layer), torch.full_like(pred, image), pred, tgt + offsets[image]]
+                    )
+                )
         layer_idx, batch_idx, pred_idx, tgt_idx = torch.cat(pairs, 1).to(logits.device)
         tgt_labels = torch.cat([t["labels"] for t in targets]).to(logits.device)[tgt_idx]
         tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(boxes)[tgt_idx]

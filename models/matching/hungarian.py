@@ -107,7 +107,8 @@ class HungarianMatcher(nn.Module):
                 for layer in indices:
                     layer.append((empty, empty.clone()))
                 continue
-            cost = cost[:, candidates]
+            if host_valid is not None:
+                cost = cost[:, candidates]
             if not torch.isfinite(cost).all():
                 kept = candidates.to(boxes.device)
                 bad = [

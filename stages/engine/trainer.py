@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from models.losses.detr_loss import check_finite
 from stages.common import get_rng_state, set_rng_state
 from stages.data.build import EpochSampler
 from stages.engine.checkpoint import read_checkpoint, save_checkpoint
@@ -63,10 +64,7 @@ def is_loss(key: str) -> bool:
 def total_loss(losses: LossDict) -> torch.Tensor:
     """The objective; a non-finite term stops training with its name rather than corrupting the weights."""
     terms = {k: v for k, v in losses.items() if is_loss(k)}
-    # One check for all terms: on a GPU each check of a value waits for the device.
-    if not bool(torch.isfinite(torch.cat([v.detach().float().flatten() for v in terms.values()])).all()):
-        bad = {k: float(v.detach()) for k, v in terms.items() if not torch.isfinite(v).all()}
-        raise FloatingPointError(f"non-finite loss term(s) {list(bad)} (values {list(bad.values())})")
+    check_finite(terms, "training step")
     return sum(terms.values())
 
 
