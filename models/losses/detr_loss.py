@@ -190,5 +190,5 @@ def check_finite(losses: dict[str, Tensor], owner: str) -> None:
         return
     if bool(torch.isfinite(torch.stack([v.detach().float() for v in losses.values()])).all()):
         return
-    bad = {name: float(v) for name, v in losses.items() if not torch.isfinite(v.detach()).all()}
+    bad = {name: float(v.detach()) for name, v in losses.items() if not torch.isfinite(v.detach()).all()}
     raise FloatingPointError(f"{owner}: non-finite loss {bad}; check the learning rate, inputs and target boxes")
