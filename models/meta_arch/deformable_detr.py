@@ -404,14 +404,15 @@ class DeformableDETR(nn.Module):
         if with_losses:
             indices = [assignments[layer] for layer in range(num_layers)]
             losses = self.criterion.layer_losses(decoded.logits, decoded.boxes, proposals, indices, num_boxes)
-            kept = name_layers({name: losses[name] for name in loss_names})
-            out.losses.update({f"{DETR_BRANCH}/{key}": value for key, value in kept.items()})
+            kept = {name: losses[name] for name in loss_names}
             if options.objectness:
-                for layer in range(num_layers):
-                    suffix = "" if layer == num_layers - 1 else f"_d{layer}"
-                    out.losses[f"{DETR_BRANCH}/loss_objectness{suffix}"] = self.criterion.objectness_loss(
-                        decoded.logits[layer], indices[layer], num_boxes
-                    )
+                kept["loss_objectness"] = torch.stack(
+                    [
+                        self.criterion.objectness_loss(decoded.logits[layer], indices[layer], num_boxes)
+                        for layer in range(num_layers)
+                    ]
+                )
+            out.losses.update({f"{DETR_BRANCH}/{key}": value for key, value in name_layers(kept).items()})
         out.features[DETR_BRANCH], out.ids[DETR_BRANCH] = with_background(
             torch.cat(features), torch.cat(feature_ids), torch.cat(background), options.max_background
         )
